@@ -1,0 +1,301 @@
+//! The lab API server: one per site, serving the Kubernetes REST API over HTTP on loopback.
+//!
+//! Requests flow one way: [`request`] resolves the path and query, [`discovery`] answers the
+//! discovery documents, [`verbs`] runs get/list/create/update/patch/delete against the
+//! [`store`], [`watch`] streams changes, and [`lifecycle`] carries out what a write implies
+//! (finalizers, garbage collection, namespace termination, CRD establishment). Everything a
+//! client sees as an error is a `metav1.Status` ([`lab_apimachinery::status`]).
+
+pub mod discovery;
+pub mod errors;
+pub mod lifecycle;
+pub mod objects;
+pub mod registry;
+pub mod request;
+pub mod scale;
+pub mod store;
+pub mod table;
+pub mod verbs;
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use lab_apimachinery::status::ApiError;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::watch as tokio_watch;
+use tokio::task::JoinHandle;
+
+use registry::Registry;
+use request::{route, Query, Route};
+use store::Store;
+
+/// Largest request body accepted, in bytes (the apiserver's default is 3 MiB per object; the
+/// lab allows more so that large manifests in tests are not the limiting factor).
+const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// How to start one site's API server.
+#[derive(Clone, Debug)]
+pub struct ApiServerConfig {
+    /// Directory for the sled database; the same directory brings the same state back.
+    pub data_dir: PathBuf,
+    /// Address to listen on, e.g. `127.0.1.1:0` (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Bearer token every request must carry; `None` disables authentication.
+    pub token: Option<String>,
+    /// How many recent events watches can resume from ([`store::WATCH_WINDOW`] by default).
+    pub watch_window: usize,
+}
+
+/// Shared state of a running server.
+pub struct ApiState {
+    /// Durable objects.
+    pub store: Store,
+    /// Served resources.
+    pub registry: Registry,
+    /// Required bearer token, if any.
+    pub token: Option<String>,
+    /// The address clients reach the server on.
+    pub addr: SocketAddr,
+    /// Becomes `true` when the server stops; open watches end on it.
+    pub stopping: tokio_watch::Receiver<bool>,
+}
+
+/// A running API server. Dropping it does not stop it; call [`ApiServer::shutdown`].
+pub struct ApiServer {
+    state: Arc<ApiState>,
+    stop: tokio_watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("opening the object store in {dir}")]
+    Store {
+        /// The data directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: store::StoreError,
+    },
+    /// The listen address could not be bound.
+    #[error("binding {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ApiServer {
+    /// Opens the store, re-serves stored CRDs and starts listening.
+    ///
+    /// # Errors
+    /// [`StartError`] when the store cannot be opened or the address cannot be bound.
+    pub async fn start(config: ApiServerConfig) -> Result<Self, StartError> {
+        let store = Store::open(&config.data_dir, config.watch_window).map_err(|source| {
+            StartError::Store {
+                dir: config.data_dir.clone(),
+                source,
+            }
+        })?;
+        let registry = Registry::new();
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (stop, mut stopped) = tokio_watch::channel(false);
+        let state = Arc::new(ApiState {
+            store,
+            registry,
+            token: config.token,
+            addr,
+            stopping: stopped.clone(),
+        });
+        lifecycle::serve_stored_crds(&state).map_err(|source| StartError::Store {
+            dir: config.data_dir.clone(),
+            source,
+        })?;
+        let app = Router::new().fallback(handle).with_state(state.clone());
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!(error = %e, "api server stopped with an error");
+            }
+        });
+        tracing::info!(%addr, "lab api server listening");
+        Ok(Self { state, stop, task })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.state.addr
+    }
+
+    /// The shared state (for in-process inspection in tests).
+    pub fn state(&self) -> &Arc<ApiState> {
+        &self.state
+    }
+
+    /// Stops accepting requests, ends open watches, waits for open connections to finish and
+    /// releases the store, so the same data directory can be served again.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.state.store.flush().await;
+        let Self { state, task, .. } = self;
+        drop(state);
+        // Watches end on `stopping`; a client holding a request open longer is cut off.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+}
+
+/// Serialises `value` as a JSON response with `code`.
+pub fn json_response(code: StatusCode, value: &Value) -> Response {
+    let body = serde_json::to_vec(value).expect("JSON values serialise");
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Turns an [`ApiError`] into its `metav1.Status` response.
+pub fn error_response(err: &ApiError) -> Response {
+    let code = StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &err.to_status_json())
+}
+
+async fn handle(State(state): State<Arc<ApiState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    if let Some(token) = &state.token {
+        let expected = format!("Bearer {token}");
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if given != Some(expected.as_str()) {
+            return error_response(&ApiError::unauthorized("Unauthorized"));
+        }
+    }
+    let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!("reading request body: {e}")))
+        }
+    };
+    let query = match Query::parse(parts.uri.query()) {
+        Ok(q) => q,
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!("invalid query string: {e}")))
+        }
+    };
+    let method = parts.method.clone();
+    let path = parts.uri.path().to_string();
+    let result = dispatch(&state, &method, &path, query, &parts.headers, &body).await;
+    match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::debug!(%method, %path, code = err.code, message = %err, "request failed");
+            error_response(&err)
+        }
+    }
+}
+
+async fn dispatch(
+    state: &Arc<ApiState>,
+    method: &Method,
+    path: &str,
+    query: Query,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let not_found = || errors::not_found_path();
+    let route = route(path).ok_or_else(not_found)?;
+    if !matches!(route, Route::Resource(_)) && method != Method::GET {
+        return Err(ApiError::new(
+            lab_apimachinery::status::StatusReason::MethodNotAllowed,
+            format!("{method} is not supported on {path}"),
+        ));
+    }
+    match route {
+        Route::Version => Ok(json_response(StatusCode::OK, &discovery::version())),
+        Route::Health => Ok((StatusCode::OK, "ok").into_response()),
+        Route::CoreVersions => Ok(json_response(
+            StatusCode::OK,
+            &discovery::core_versions(state.addr),
+        )),
+        Route::Groups => Ok(json_response(
+            StatusCode::OK,
+            &discovery::groups(&state.registry),
+        )),
+        Route::OpenApiIndex => Ok(json_response(
+            StatusCode::OK,
+            &discovery::openapi_index(&state.registry),
+        )),
+        Route::OpenApi { group, version } => {
+            discovery::openapi_group_version(&state.registry, &group, &version)
+                .map(|v| json_response(StatusCode::OK, &v))
+                .ok_or_else(not_found)
+        }
+        Route::Group(g) => discovery::group(&state.registry, &g)
+            .map(|v| json_response(StatusCode::OK, &v))
+            .ok_or_else(not_found),
+        Route::Resources { group, version } => {
+            discovery::resources(&state.registry, &group, &version)
+                .map(|v| json_response(StatusCode::OK, &v))
+                .ok_or_else(not_found)
+        }
+        Route::Resource(target) => {
+            let info = state
+                .registry
+                .get(&target.group, &target.version, &target.plural)
+                .ok_or_else(not_found)?;
+            if !info.namespaced && target.namespace.is_some() {
+                return Err(not_found());
+            }
+            let req = verbs::Req {
+                state,
+                info: &info,
+                target: &target,
+                query: &query,
+                headers,
+                body,
+            };
+            verbs::serve(method, req).await
+        }
+    }
+}
+
+/// An empty body response, used for streaming responses.
+pub fn stream_response(body: Body) -> Response {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,189 @@
+//! `ferry-lab`: starts, stops and inspects the lab's Kubernetes sites.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_lab::apiserver::{ApiServer, ApiServerConfig};
+use ferry_lab::kubeconfig;
+use ferry_lab::sites::{self, SitePaths};
+
+#[derive(Parser)]
+#[command(
+    name = "ferry-lab",
+    about = "Kubernetes sites on one machine, for Ferry's demo and tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the sites and return once they are ready.
+    Up {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Comma-separated site names.
+        #[arg(long, default_value = "a,b", value_delimiter = ',')]
+        sites: Vec<String>,
+        /// Only the sites, without Ferry's components.
+        #[arg(long)]
+        bare: bool,
+    },
+    /// Stop every site of the lab.
+    Down {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Show each site's state.
+    Status {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Fault injection and control of one site.
+    Site {
+        /// What to do.
+        #[arg(value_parser = ["kill", "start"])]
+        action: String,
+        /// Site name.
+        name: String,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Run one site in the foreground (what `up` starts in the background).
+    Serve {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Site name.
+        #[arg(long)]
+        site: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Up {
+            dir,
+            sites: names,
+            bare,
+        } => up(&dir, &names, bare),
+        Cmd::Down { dir } => down(&dir),
+        Cmd::Status { dir } => status(&dir),
+        Cmd::Site { action, name, dir } => match action.as_str() {
+            "kill" => {
+                let pid = sites::signal_site(&dir, &name, "KILL")?;
+                sites::wait_gone(pid, Duration::from_secs(10))?;
+                println!("site {name}: killed (pid {pid} and its process group)");
+                Ok(())
+            }
+            _ => {
+                let index = sites::list_sites(&dir)
+                    .iter()
+                    .position(|s| *s == name)
+                    .unwrap_or(0);
+                let r = sites::start_site(&dir, &name, index, Duration::from_secs(30))?;
+                println!("site {name}: started at http://{}", r.listen);
+                Ok(())
+            }
+        },
+        Cmd::Serve { dir, site } => serve(&dir, &site),
+    }
+}
+
+fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    if !bare {
+        println!("note: Ferry's components are not deployed yet; starting bare sites");
+    }
+    for (i, name) in names.iter().enumerate() {
+        let r = sites::start_site(&dir, name, i, Duration::from_secs(30))?;
+        println!("site {name}: ready at http://{}", r.listen);
+        println!(
+            "  kubectl --kubeconfig {} get ns",
+            SitePaths::new(&dir, name).kubeconfig().display()
+        );
+    }
+    Ok(())
+}
+
+fn down(dir: &Path) -> Result<()> {
+    for name in sites::list_sites(dir) {
+        match sites::signal_site(dir, &name, "TERM") {
+            Ok(pid) => {
+                if sites::wait_gone(pid, Duration::from_secs(10)).is_err() {
+                    sites::signal_site(dir, &name, "KILL")?;
+                    sites::wait_gone(pid, Duration::from_secs(10))?;
+                }
+                println!("site {name}: stopped");
+            }
+            Err(_) => println!("site {name}: not running"),
+        }
+    }
+    Ok(())
+}
+
+fn status(dir: &Path) -> Result<()> {
+    let names = sites::list_sites(dir);
+    anyhow::ensure!(!names.is_empty(), "no lab under {}", dir.display());
+    for name in names {
+        let paths = SitePaths::new(dir, &name);
+        let r = paths.read_record()?;
+        match paths.running_pid() {
+            Some(pid) => println!("site {name}: running (pid {pid}) at http://{}", r.listen),
+            None => println!("site {name}: stopped"),
+        }
+    }
+    Ok(())
+}
+
+fn serve(dir: &Path, site: &str) -> Result<()> {
+    let paths = SitePaths::new(dir, site);
+    let mut record = paths.read_record()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let server = ApiServer::start(ApiServerConfig {
+            data_dir: paths.store(),
+            listen: record.listen,
+            token: None,
+            watch_window: ferry_lab::apiserver::store::WATCH_WINDOW,
+        })
+        .await?;
+        if record.listen.port() == 0 {
+            record.listen = server.addr();
+            std::fs::write(paths.record(), serde_json::to_vec_pretty(&record)?)?;
+        }
+        kubeconfig::write(&paths.kubeconfig(), site, server.addr(), None)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        server.shutdown().await;
+        Ok(())
+    })
+}

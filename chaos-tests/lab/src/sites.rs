@@ -1,0 +1,206 @@
+//! Lab control: starting, stopping and inspecting site processes under a lab directory.
+//!
+//! Layout of a lab directory: `DIR/<site>/` holds `site.json` (name and address),
+//! `kubeconfig`, `apiserver/` (the sled store), `pid` and `site.log`. Each site listens on
+//! its own loopback address, `127.0.<n>.1` for the n-th site, so pods of two sites may use
+//! the same port.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// What a site needs to come back the same after a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SiteRecord {
+    /// Site name, e.g. `a`.
+    pub name: String,
+    /// Address the API server listens on.
+    pub listen: SocketAddr,
+}
+
+/// Paths of one site under a lab directory.
+#[derive(Clone, Debug)]
+pub struct SitePaths {
+    /// `DIR/<site>`.
+    pub root: PathBuf,
+}
+
+impl SitePaths {
+    /// Paths of site `name` under lab directory `dir`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        Self {
+            root: dir.join(name),
+        }
+    }
+    /// `site.json`.
+    pub fn record(&self) -> PathBuf {
+        self.root.join("site.json")
+    }
+    /// `kubeconfig`.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.root.join("kubeconfig")
+    }
+    /// The API server's store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("apiserver")
+    }
+    /// The site process's pid file.
+    pub fn pid(&self) -> PathBuf {
+        self.root.join("pid")
+    }
+    /// The site process's log.
+    pub fn log(&self) -> PathBuf {
+        self.root.join("site.log")
+    }
+    /// Reads `site.json`.
+    ///
+    /// # Errors
+    /// When the site was never started here or the record is damaged.
+    pub fn read_record(&self) -> Result<SiteRecord> {
+        let raw = std::fs::read(self.record())
+            .with_context(|| format!("reading {}", self.record().display()))?;
+        serde_json::from_slice(&raw).with_context(|| format!("parsing {}", self.record().display()))
+    }
+    /// The pid of the running site process, if its pid file names a live process.
+    pub fn running_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid).then_some(pid)
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3 is the state; `Z` is a zombie that only waits to be reaped.
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// The loopback address of the n-th site (0-based): `127.0.<n+1>.1`.
+pub fn site_ip(index: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, (index + 1) as u8, 1))
+}
+
+/// Starts site `name` as a background process (its own process group) and waits until its
+/// API server answers. A site started before reuses its address, token and store.
+///
+/// # Errors
+/// When the process cannot be spawned or does not become ready within `timeout`.
+pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Result<SiteRecord> {
+    let paths = SitePaths::new(dir, name);
+    if let Some(pid) = paths.running_pid() {
+        bail!("site {name} is already running (pid {pid})");
+    }
+    std::fs::create_dir_all(&paths.root)
+        .with_context(|| format!("creating {}", paths.root.display()))?;
+    if paths.read_record().is_err() {
+        // First start: port 0 lets the site pick a free port, which it records for restarts.
+        let r = SiteRecord {
+            name: name.into(),
+            listen: SocketAddr::new(site_ip(index), 0),
+        };
+        std::fs::write(paths.record(), serde_json::to_vec_pretty(&r)?)?;
+    }
+    let _ = std::fs::remove_file(paths.kubeconfig());
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.log())?;
+    let exe = std::env::current_exe().context("locating the ferry-lab binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["serve", "--dir"])
+        .arg(dir)
+        .args(["--site", name])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().context("spawning the site process")?;
+    std::fs::write(paths.pid(), child.id().to_string())?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(r) = paths.read_record() {
+            if r.listen.port() != 0
+                && paths.kubeconfig().exists()
+                && std::net::TcpStream::connect(r.listen).is_ok()
+            {
+                return Ok(r);
+            }
+        }
+        if !alive(child.id() as i32) {
+            bail!(
+                "site {name} exited during start-up; see {}",
+                paths.log().display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "site {name} not ready after {timeout:?}; see {}",
+                paths.log().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` (e.g. `KILL`, `TERM`) to the site's whole process group: the site process
+/// and every pod process it started.
+///
+/// # Errors
+/// When the site is not running or `kill` fails.
+pub fn signal_site(dir: &Path, name: &str, signal: &str) -> Result<i32> {
+    let paths = SitePaths::new(dir, name);
+    let pid = paths
+        .running_pid()
+        .with_context(|| format!("site {name} is not running"))?;
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(format!("-{pid}"))
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -{signal} -{pid} failed");
+    }
+    Ok(pid)
+}
+
+/// Waits until process `pid` is gone.
+///
+/// # Errors
+/// When it is still alive after `timeout`.
+pub fn wait_gone(pid: i32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            bail!("process {pid} still alive after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Names of the sites under a lab directory (subdirectories holding a `site.json`).
+pub fn list_sites(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("site.json").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}

@@ -1,0 +1,147 @@
+//! Test fixture: a lab site in this process, or any cluster named by a kubeconfig.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ferry_lab::apiserver::store::WATCH_WINDOW;
+use ferry_lab::apiserver::{ApiServer, ApiServerConfig};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// Environment variable naming a kubeconfig to run the conformance suite against instead of
+/// an in-process lab site (for example a k3d cluster).
+pub const KUBECONFIG_ENV: &str = "FERRY_CONFORMANCE_KUBECONFIG";
+
+/// A site under test.
+pub struct Site {
+    /// The in-process server, when the target is the lab.
+    pub server: Option<ApiServer>,
+    /// Kubeconfig path.
+    pub kubeconfig: PathBuf,
+    /// The lab's data directory (kept so a restart finds the same store).
+    pub dir: Option<tempfile::TempDir>,
+    /// Watch window of the in-process store.
+    pub watch_window: usize,
+    /// Bearer token the in-process server requires.
+    pub token: Option<String>,
+}
+
+impl Site {
+    /// A fresh lab site on 127.0.0.1 with token authentication, or the cluster named by
+    /// [`KUBECONFIG_ENV`].
+    pub async fn start() -> Self {
+        Self::start_lab(WATCH_WINDOW, Some("test-token")).await
+    }
+
+    /// Like [`Site::start`], with a store that keeps only `watch_window` events for watches
+    /// to resume from (a small window makes 410 Gone reachable in a test).
+    pub async fn start_with_window(watch_window: usize) -> Self {
+        Self::start_lab(watch_window, Some("test-token")).await
+    }
+
+    /// A fresh lab site without authentication (kubectl sends bearer tokens only over TLS).
+    pub async fn start_open() -> Self {
+        Self::start_lab(WATCH_WINDOW, None).await
+    }
+
+    async fn start_lab(watch_window: usize, token: Option<&str>) -> Self {
+        let token = token.map(String::from);
+        if let Ok(path) = std::env::var(KUBECONFIG_ENV) {
+            return Self {
+                server: None,
+                kubeconfig: PathBuf::from(path),
+                dir: None,
+                watch_window,
+                token,
+            };
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        let server = Self::serve(
+            &dir,
+            "127.0.0.1:0".parse().unwrap(),
+            watch_window,
+            token.clone(),
+        )
+        .await;
+        ferry_lab::kubeconfig::write(&kubeconfig, "test", server.addr(), token.as_deref())
+            .expect("kubeconfig");
+        Self {
+            server: Some(server),
+            kubeconfig,
+            dir: Some(dir),
+            watch_window,
+            token,
+        }
+    }
+
+    async fn serve(
+        dir: &tempfile::TempDir,
+        listen: SocketAddr,
+        watch_window: usize,
+        token: Option<String>,
+    ) -> ApiServer {
+        let config = ApiServerConfig {
+            data_dir: dir.path().join("store"),
+            listen,
+            token,
+            watch_window,
+        };
+        ApiServer::start(config)
+            .await
+            .expect("lab api server starts")
+    }
+
+    /// Whether the target is the in-process lab (restart tests need it).
+    pub fn is_lab(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// Stops the site and starts it again on the same address and store.
+    pub async fn restart(&mut self) {
+        let server = self.server.take().expect("restart needs the lab");
+        let addr = server.addr();
+        server.shutdown().await;
+        let dir = self.dir.as_ref().expect("the lab has a data directory");
+        self.server = Some(Self::serve(dir, addr, self.watch_window, self.token.clone()).await);
+    }
+
+    /// A kube-rs client built from the kubeconfig, as Ferry's binaries build theirs.
+    pub async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig parses");
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig usable");
+        Client::try_from(config).expect("client")
+    }
+}
+
+/// A namespace name unique to this test run.
+pub fn unique_ns(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// Awaits `f` returning `Ok` under a deadline, polling every 20 ms; panics with the last
+/// state `f` reported on timeout.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(state) => state,
+        };
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}; last state: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

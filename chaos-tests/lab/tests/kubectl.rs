@@ -1,0 +1,244 @@
+//! kubectl against a lab site: apply of a CRD and a CR, `get -l`, server-side apply, scale,
+//! delete and api-resources, with the machine's kubectl.
+//!
+//! Skipped with a message where kubectl is absent; under CI (`CI=true`) its absence fails,
+//! since `.ci/install-test-deps.sh` installs it.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::Site;
+
+fn kubectl_available() -> bool {
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").is_err(),
+            "kubectl is required under CI; .ci/install-test-deps.sh installs it"
+        );
+        eprintln!("skipped: kubectl not found on PATH");
+    }
+    found
+}
+
+/// Runs kubectl with the site's kubeconfig; panics with stdout and stderr unless it succeeds.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+const CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.lab.ferry.dev
+spec:
+  group: lab.ferry.dev
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget, shortNames: [gd]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Size, type: integer, jsonPath: .spec.size}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [size]
+            properties:
+              size: {type: integer, minimum: 1}
+"#;
+
+const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: shop, labels: {app: web, tier: front}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers: [{name: web, image: ferry-lab/sqlite-writer}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: shop, labels: {app: web}}
+data: {mode: fast}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_drives_a_lab_site() {
+    if !kubectl_available() {
+        return;
+    }
+    let site = Site::start_open().await;
+    let kc = site.kubeconfig.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let crd = write("crd.yaml", CRD);
+    let app = write("app.yaml", APP);
+    let cr = write("cr.yaml", "apiVersion: lab.ferry.dev/v1\nkind: Gadget\nmetadata: {name: g1, namespace: shop}\nspec: {size: 3}\n");
+    let bad_cr = write("bad.yaml", "apiVersion: lab.ferry.dev/v1\nkind: Gadget\nmetadata: {name: g2, namespace: shop}\nspec: {size: 0}\n");
+
+    // kubectl blocks; run it off the async runtime that serves the site.
+    tokio::task::spawn_blocking(move || {
+        let resources = kubectl(&kc, &["api-resources"]);
+        for kind in [
+            "Deployment",
+            "VolumeSnapshot",
+            "CustomResourceDefinition",
+            "Lease",
+        ] {
+            assert!(
+                resources.contains(kind),
+                "api-resources lists {kind}:\n{resources}"
+            );
+        }
+
+        assert!(kubectl(&kc, &["apply", "-f", &crd]).contains("gadgets.lab.ferry.dev created"));
+        kubectl(
+            &kc,
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/gadgets.lab.ferry.dev",
+                "--timeout=30s",
+            ],
+        );
+        kubectl(&kc, &["apply", "-f", &app]);
+        assert!(kubectl(&kc, &["apply", "-f", &cr]).contains("gadget.lab.ferry.dev/g1 created"));
+        // The CRD's printer column shows through Table output.
+        let gadgets = kubectl(&kc, &["-n", "shop", "get", "gd"]);
+        assert!(
+            gadgets.contains("SIZE") && gadgets.contains("g1") && gadgets.contains('3'),
+            "{gadgets}"
+        );
+
+        // Schema validation names the field.
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args(["apply", "-f", &bad_cr])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("spec.size"),
+            "invalid CR rejected naming spec.size: {stderr}"
+        );
+
+        let selected = kubectl(
+            &kc,
+            &[
+                "-n",
+                "shop",
+                "get",
+                "deploy,cm",
+                "-l",
+                "app=web,tier=front",
+                "-o",
+                "name",
+            ],
+        );
+        assert_eq!(
+            selected.trim(),
+            "deployment.apps/web",
+            "only the deployment carries tier=front"
+        );
+
+        kubectl(
+            &kc,
+            &["-n", "shop", "scale", "deploy", "web", "--replicas=4"],
+        );
+        assert_eq!(
+            kubectl(
+                &kc,
+                &[
+                    "-n",
+                    "shop",
+                    "get",
+                    "deploy",
+                    "web",
+                    "-o",
+                    "jsonpath={.spec.replicas}"
+                ]
+            ),
+            "4"
+        );
+
+        // Server-side apply takes the fields back from the other managers when forced.
+        kubectl(
+            &kc,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=lab-test",
+                "-f",
+                &app,
+            ],
+        );
+        let managers = kubectl(
+            &kc,
+            &[
+                "-n",
+                "shop",
+                "get",
+                "deploy",
+                "web",
+                "-o",
+                "jsonpath={.spec.replicas} {.metadata.managedFields[*].manager}",
+            ],
+        );
+        assert!(
+            managers.starts_with("2 ") && managers.contains("lab-test"),
+            "{managers}"
+        );
+
+        kubectl(&kc, &["-n", "shop", "delete", "deploy", "web"]);
+        assert!(kubectl(&kc, &["-n", "shop", "get", "deploy", "-o", "name"])
+            .trim()
+            .is_empty());
+        kubectl(&kc, &["delete", "ns", "shop", "--timeout=30s"]);
+        kubectl(&kc, &["delete", "-f", &crd]);
+    })
+    .await
+    .unwrap();
+    // Keep the site alive for the whole run.
+    tokio::time::sleep(Duration::ZERO).await;
+    drop(site);
+}
