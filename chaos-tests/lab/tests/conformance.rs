@@ -447,8 +447,11 @@ async fn errors_409_410_and_422_name_their_cause() {
         "{}",
         e.message
     );
-    // 409 Conflict on a stale resourceVersion.
-    cms.replace("c", &PostParams::default(), &first)
+    // 409 Conflict on a stale resourceVersion. The first replace must change something: an
+    // identical write is a no-op that keeps the resourceVersion, as on a real apiserver.
+    let mut changed = first.clone();
+    changed.data = Some([("k".to_string(), "v".to_string())].into());
+    cms.replace("c", &PostParams::default(), &changed)
         .await
         .unwrap();
     let e = api_error(

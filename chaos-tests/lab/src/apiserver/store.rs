@@ -109,6 +109,9 @@ pub struct Store {
     db: sled::Db,
     window_size: usize,
     inner: Mutex<Inner>,
+    // One flush at a time: concurrent `flush_async` calls can deadlock in sled 0.34
+    // (spacejam/sled#1412), and a queued flush still covers every write before it.
+    flush_lock: tokio::sync::Mutex<()>,
     events: broadcast::Sender<Arc<WatchEvent>>,
 }
 
@@ -145,6 +148,7 @@ impl Store {
                 window_start: rv,
             }),
             events,
+            flush_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -266,7 +270,11 @@ impl Store {
     /// # Errors
     /// [`StoreError::Sled`] when the flush fails (e.g. disk full).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let _serial = self.flush_lock.lock().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| StoreError::Sled(sled::Error::ReportableBug(e.to_string())))??;
         Ok(())
     }
 
@@ -336,7 +344,11 @@ mod tests {
             put(&store, "b", json!({"metadata": {"name": "b"}}));
             let (backlog, _rx) = store.subscribe_from(1).unwrap();
             assert_eq!(backlog.len(), 1, "only the event after rv 1 is replayed");
-            futures::executor::block_on(store.flush()).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(store.flush())
+                .unwrap();
         }
         let store = Store::open(dir.path(), WATCH_WINDOW).unwrap();
         assert_eq!(store.current_rv(), 2);

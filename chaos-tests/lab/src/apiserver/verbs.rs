@@ -491,6 +491,13 @@ pub fn prepare_update(
     {
         return Ok((Mutation::Delete, true));
     }
+    // A write that changes nothing is not stored and keeps the resourceVersion, as the
+    // apiserver does; otherwise controllers that write status on every reconcile would loop.
+    let mut unchanged = next.clone();
+    unchanged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+    if unchanged == present(info, old.clone()) {
+        return Ok((Mutation::Keep, false));
+    }
     Ok((Mutation::Put(next), false))
 }
 
