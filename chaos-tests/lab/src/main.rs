@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ferry_lab::apiserver::{ApiServer, ApiServerConfig};
-use ferry_lab::kubeconfig;
-use ferry_lab::sites::{self, SitePaths};
+use ferry_lab::site::SiteRuntime;
+use ferry_lab::sites::{self, SiteLayout};
 
 #[derive(Parser)]
 #[command(
@@ -57,6 +56,14 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Run a lab image's entrypoint (what the process kubelet starts for a catalog image).
+    Image {
+        /// Image name: `sqlite-writer`.
+        name: String,
+        /// The image's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run one site in the foreground (what `up` starts in the background).
     Serve {
         /// Lab directory.
@@ -69,6 +76,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // Images run without the lab's logging set-up: they own their stdout.
+    let mut argv = std::env::args();
+    if argv.nth(1).as_deref() == Some("image") {
+        return run_image(argv.collect());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -96,6 +108,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Site { action, name, dir } => match action.as_str() {
             "kill" => {
                 let pid = sites::signal_site(&dir, &name, "KILL")?;
+                let entry = ferry_lab::node::timeline::TimelineEntry {
+                    at_ms: ferry_lab::node::timeline::now_ms(),
+                    site: name.clone(),
+                    event: ferry_lab::node::timeline::TimelineEvent::SiteKilled,
+                    namespace: String::new(),
+                    pod: String::new(),
+                    app: None,
+                    pid: Some(pid as u32),
+                    exit: None,
+                };
+                ferry_lab::node::timeline::append_to(
+                    &SiteLayout::in_lab(&dir, &name).timeline(),
+                    &entry,
+                )?;
                 sites::wait_gone(pid, Duration::from_secs(10))?;
                 println!("site {name}: killed (pid {pid} and its process group)");
                 Ok(())
@@ -111,6 +137,18 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Serve { dir, site } => serve(&dir, &site),
+        Cmd::Image { .. } => unreachable!("images are dispatched before logging starts"),
+    }
+}
+
+/// Runs a catalog image's entrypoint with `args` (`[name, args...]`).
+fn run_image(args: Vec<String>) -> ExitCode {
+    match args.split_first() {
+        Some((name, rest)) => ferry_lab::images::run(name, rest),
+        None => {
+            eprintln!("ferry-lab image: missing image name");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -125,7 +163,7 @@ fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
         println!("site {name}: ready at http://{}", r.listen);
         println!(
             "  kubectl --kubeconfig {} get ns",
-            SitePaths::new(&dir, name).kubeconfig().display()
+            SiteLayout::in_lab(&dir, name).kubeconfig().display()
         );
     }
     Ok(())
@@ -151,7 +189,7 @@ fn status(dir: &Path) -> Result<()> {
     let names = sites::list_sites(dir);
     anyhow::ensure!(!names.is_empty(), "no lab under {}", dir.display());
     for name in names {
-        let paths = SitePaths::new(dir, &name);
+        let paths = SiteLayout::in_lab(dir, &name);
         let r = paths.read_record()?;
         match paths.running_pid() {
             Some(pid) => println!("site {name}: running (pid {pid}) at http://{}", r.listen),
@@ -162,28 +200,22 @@ fn status(dir: &Path) -> Result<()> {
 }
 
 fn serve(dir: &Path, site: &str) -> Result<()> {
-    let paths = SitePaths::new(dir, site);
+    let paths = SiteLayout::in_lab(dir, site);
     let mut record = paths.read_record()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let server = ApiServer::start(ApiServerConfig {
-            data_dir: paths.store(),
-            listen: record.listen,
-            token: None,
-            watch_window: ferry_lab::apiserver::store::WATCH_WINDOW,
-        })
-        .await?;
+        let running = SiteRuntime::start(site, &paths.root, record.listen).await?;
         if record.listen.port() == 0 {
-            record.listen = server.addr();
+            // Restarts reuse the port the first start picked.
+            record.listen = running.server.addr();
             std::fs::write(paths.record(), serde_json::to_vec_pretty(&record)?)?;
         }
-        kubeconfig::write(&paths.kubeconfig(), site, server.addr(), None)?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        server.shutdown().await;
+        running.shutdown().await;
         Ok(())
     })
 }

@@ -1,9 +1,9 @@
 //! Lab control: starting, stopping and inspecting site processes under a lab directory.
 //!
-//! Layout of a lab directory: `DIR/<site>/` holds `site.json` (name and address),
-//! `kubeconfig`, `apiserver/` (the sled store), `pid` and `site.log`. Each site listens on
+//! A lab directory holds one [`SiteLayout`] per site, `DIR/<site>/`. Each site listens on
 //! its own loopback address, `127.0.<n>.1` for the n-th site, so pods of two sites may use
-//! the same port.
+//! the same port. Sites serve plain HTTP without authentication: kubectl sends bearer tokens
+//! only over TLS, and the lab's API is reachable on loopback only.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -22,16 +22,24 @@ pub struct SiteRecord {
     pub listen: SocketAddr,
 }
 
-/// Paths of one site under a lab directory.
+/// Where a site keeps its files: `root/site.json` (name and address), `root/kubeconfig`,
+/// `root/apiserver/` (the store), `root/node/` (volumes, snapshots, pod files),
+/// `root/timeline.jsonl`, `root/pid` and `root/site.log`.
 #[derive(Clone, Debug)]
-pub struct SitePaths {
-    /// `DIR/<site>`.
+pub struct SiteLayout {
+    /// The site's directory, `DIR/<site>` in a lab directory.
     pub root: PathBuf,
 }
 
-impl SitePaths {
-    /// Paths of site `name` under lab directory `dir`.
-    pub fn new(dir: &Path, name: &str) -> Self {
+impl SiteLayout {
+    /// The layout rooted at `root`.
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+    /// The layout of site `name` under lab directory `dir`.
+    pub fn in_lab(dir: &Path, name: &str) -> Self {
         Self {
             root: dir.join(name),
         }
@@ -40,13 +48,21 @@ impl SitePaths {
     pub fn record(&self) -> PathBuf {
         self.root.join("site.json")
     }
-    /// `kubeconfig`.
+    /// The kubeconfig clients use.
     pub fn kubeconfig(&self) -> PathBuf {
         self.root.join("kubeconfig")
     }
     /// The API server's store.
     pub fn store(&self) -> PathBuf {
         self.root.join("apiserver")
+    }
+    /// The node's storage root.
+    pub fn node(&self) -> PathBuf {
+        self.root.join("node")
+    }
+    /// The timeline of pod starts and stops.
+    pub fn timeline(&self) -> PathBuf {
+        self.root.join("timeline.jsonl")
     }
     /// The site process's pid file.
     pub fn pid(&self) -> PathBuf {
@@ -100,7 +116,7 @@ pub fn site_ip(index: usize) -> IpAddr {
 /// # Errors
 /// When the process cannot be spawned or does not become ready within `timeout`.
 pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Result<SiteRecord> {
-    let paths = SitePaths::new(dir, name);
+    let paths = SiteLayout::in_lab(dir, name);
     if let Some(pid) = paths.running_pid() {
         bail!("site {name} is already running (pid {pid})");
     }
@@ -156,23 +172,63 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
     }
 }
 
-/// Sends `signal` (e.g. `KILL`, `TERM`) to the site's whole process group: the site process
-/// and every pod process it started.
+/// Every descendant of `pid` (children, their children, ...), read from `/proc`.
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Field 4 (after the parenthesised command) is the parent pid.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((child, ppid));
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (child, _) in parent_of.iter().filter(|(_, pp)| *pp == p) {
+            out.push(*child);
+            frontier.push(*child);
+        }
+    }
+    out
+}
+
+/// Sends `signal` (e.g. `KILL`, `TERM`) to the site process. With `KILL`, every process the
+/// site started (its pods, in their own process groups) is killed at the same moment, as a
+/// power cut would; with `TERM` the site stops its pods itself.
 ///
 /// # Errors
 /// When the site is not running or `kill` fails.
 pub fn signal_site(dir: &Path, name: &str, signal: &str) -> Result<i32> {
-    let paths = SitePaths::new(dir, name);
+    let paths = SiteLayout::in_lab(dir, name);
     let pid = paths
         .running_pid()
         .with_context(|| format!("site {name} is not running"))?;
+    let mut targets = vec![pid];
+    if signal == "KILL" {
+        // Collect the tree first: once the site dies its children are re-parented.
+        targets.extend(descendants(pid));
+    }
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
-        .arg(format!("-{pid}"))
+        .args(targets.iter().map(|p| p.to_string()))
         .status()
         .context("running kill")?;
     if !status.success() {
-        bail!("kill -{signal} -{pid} failed");
+        bail!("kill -{signal} {targets:?} failed");
     }
     Ok(pid)
 }

@@ -1,0 +1,913 @@
+//! The process kubelet: runs the site's pods as local processes.
+//!
+//! For every Pod bound to this node (pods without `spec.nodeName` are bound here first, as
+//! the scheduler would) the kubelet starts one supervisor task, which:
+//! 1. resolves each container's image through the [`Catalog`](super::catalog::Catalog);
+//! 2. prepares volumes: a PVC's bound volume, emptyDir under the pod's directory, configMap
+//!    and secret keys written as files, hostPath as is;
+//! 3. starts the process in its own process group. As root it runs in a private mount
+//!    namespace (`unshare --mount`) where each volume is bind-mounted at its `mountPath`,
+//!    with `runAsUser`/`runAsGroup` applied through `setpriv` and `fsGroup` through group
+//!    ownership of the volume. Not as root, there are no namespaces: environment values that
+//!    start with a `mountPath` are rewritten to the host path, which the catalog apps accept
+//!    (the documented fallback, docs/lab.md);
+//! 4. appends `start` and `stop` to the site timeline, keeps the pod's status true (phase,
+//!    conditions, container states, restart counts), and restarts exited containers as the
+//!    pod's `restartPolicy` says, with exponential back-off;
+//! 5. when the pod is deleted, sends SIGTERM to the process group, then SIGKILL after
+//!    `terminationGracePeriodSeconds`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::error::Error as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::ResourceExt;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::catalog::Launch;
+use super::timeline::{now_ms, TimelineEntry, TimelineEvent};
+use super::NodeContext;
+
+/// Grace period when the pod does not say, in seconds (the Kubernetes default).
+const DEFAULT_GRACE_SECONDS: i64 = 30;
+/// Longest wait between restarts of a crashing container.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Pods this kubelet is running, by uid.
+#[derive(Default)]
+pub struct Running {
+    pods: Mutex<HashMap<String, RunningPod>>,
+}
+
+struct RunningPod {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Errors preparing or starting a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// The image is not in the catalog.
+    #[error("resolving the image of container {container}")]
+    Image {
+        /// Container name.
+        container: String,
+        /// The cause.
+        #[source]
+        source: super::catalog::CatalogError,
+    },
+    /// A volume could not be prepared.
+    #[error("preparing volume {volume}: {reason}")]
+    Volume {
+        /// Volume name.
+        volume: String,
+        /// Why.
+        reason: String,
+    },
+    /// The process could not be spawned.
+    #[error("starting container {container}")]
+    Spawn {
+        /// Container name.
+        container: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing files for the pod failed.
+    #[error("writing pod files under {path}")]
+    Files {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Watches the site's pods and keeps one supervisor per pod of this node. Runs until
+/// aborted; watch errors are retried with back-off.
+pub async fn run(ctx: Arc<NodeContext>) {
+    let pods: Api<Pod> = Api::all(ctx.client.clone());
+    let mut stream = watcher(pods, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Apply(pod) | Event::InitApply(pod)) => on_pod(&ctx, pod).await,
+            Ok(Event::Delete(pod)) => stop_pod(&ctx, &pod.uid().unwrap_or_default()),
+            Ok(Event::Init | Event::InitDone) => {}
+            Err(e) => warn!(site = %ctx.site, error = %e, "pod watch failed; retrying"),
+        }
+    }
+}
+
+fn watcher(
+    api: Api<Pod>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = Result<Event<Pod>, watcher::Error>> {
+    watcher::watcher(api, config)
+}
+
+async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
+    let uid = pod.uid().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        stop_pod(ctx, &uid);
+        return;
+    }
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    match node.as_deref() {
+        None | Some("") => {
+            // Bind the pod to this node, as the scheduler would (one node per site).
+            let api: Api<Pod> =
+                Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+            let patch = json!({"spec": {"nodeName": ctx.node_name}});
+            if let Err(e) = api
+                .patch(
+                    &pod.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                warn!(pod = %pod.name_any(), error = %e, "binding pod to node");
+            }
+            return;
+        }
+        Some(n) if n != ctx.node_name => return,
+        Some(_) => {}
+    }
+    let phase = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.clone())
+        .unwrap_or_default();
+    if phase == "Succeeded" || phase == "Failed" {
+        return;
+    }
+    let mut running = ctx.running.pods.lock().expect("kubelet lock poisoned");
+    if running.get(&uid).is_some_and(|r| !r.task.is_finished()) {
+        return;
+    }
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(supervise(ctx.clone(), pod, stopped));
+    running.insert(uid, RunningPod { stop, task });
+}
+
+fn stop_pod(ctx: &NodeContext, uid: &str) {
+    if let Some(r) = ctx
+        .running
+        .pods
+        .lock()
+        .expect("kubelet lock poisoned")
+        .get(uid)
+    {
+        let _ = r.stop.send(true);
+    }
+}
+
+/// Stops every pod process of this node and waits for them (site shutdown).
+pub async fn stop_all(ctx: &NodeContext) {
+    let pods: Vec<RunningPod> = ctx
+        .running
+        .pods
+        .lock()
+        .expect("kubelet lock poisoned")
+        .drain()
+        .map(|(_, r)| r)
+        .collect();
+    for r in &pods {
+        let _ = r.stop.send(true);
+    }
+    for r in pods {
+        let _ = r.task.await;
+    }
+}
+
+/// A mount as the process will see it.
+#[derive(Clone, Debug)]
+struct Mount {
+    host: PathBuf,
+    path: String,
+    read_only: bool,
+    /// A block volume exposed as a device file (`volumeDevices`).
+    device: bool,
+}
+
+/// Everything needed to start one container.
+struct Prepared {
+    name: String,
+    launch: Launch,
+    env: BTreeMap<String, String>,
+    mounts: Vec<Mount>,
+    working_dir: Option<String>,
+    run_as: Option<(i64, Option<i64>)>,
+    log: PathBuf,
+}
+
+fn timeline(
+    ctx: &NodeContext,
+    pod: &Pod,
+    event: TimelineEvent,
+    pid: Option<u32>,
+    exit: Option<String>,
+) {
+    let entry = TimelineEntry {
+        at_ms: now_ms(),
+        site: ctx.site.clone(),
+        event,
+        namespace: pod.namespace().unwrap_or_default(),
+        pod: pod.name_any(),
+        app: pod.labels().get("app").cloned(),
+        pid,
+        exit,
+    };
+    if let Err(e) = ctx.timeline.append(&entry) {
+        warn!(error = %e, "appending to the timeline");
+    }
+}
+
+async fn patch_status(ctx: &NodeContext, pod: &Pod, status: serde_json::Value) {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    let patch = json!({"status": status});
+    if let Err(e) = api
+        .patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        // The pod may be gone already; its supervisor is stopping.
+        tracing::debug!(pod = %pod.name_any(), error = %e, "updating pod status");
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn conditions(ready: bool) -> serde_json::Value {
+    let now = now_rfc3339();
+    let s = |b: bool| if b { "True" } else { "False" };
+    json!([
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+        {"type": "ContainersReady", "status": s(ready), "lastTransitionTime": now},
+        {"type": "Ready", "status": s(ready), "lastTransitionTime": now},
+    ])
+}
+
+/// Runs one pod until it completes or is stopped.
+#[tracing::instrument(skip_all, fields(site = %ctx.site, namespace = %pod.namespace().unwrap_or_default(), pod = %pod.name_any()))]
+async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver<bool>) {
+    // Volumes may not be ready yet (a claim still binding): retry, as the kubelet does,
+    // reporting ContainerCreating; an image outside the catalog will not appear, so wait.
+    let containers = loop {
+        let err = match prepare(&ctx, &pod).await {
+            Ok(c) => break c,
+            Err(e) => e,
+        };
+        let reason = if matches!(err, PodError::Image { .. }) {
+            "ErrImagePull"
+        } else {
+            "ContainerCreating"
+        };
+        let message = match err.source() {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        };
+        tracing::debug!(%message, "pod not startable yet");
+        let statuses: Vec<_> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .map(|c| json!({"name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}))
+            .collect();
+        patch_status(&ctx, &pod, json!({"phase": "Pending", "hostIP": ctx.ip.to_string(), "conditions": conditions(false), "containerStatuses": statuses})).await;
+        if reason == "ErrImagePull" {
+            until_stopped(&mut stopped).await;
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = until_stopped(&mut stopped) => return,
+        }
+    };
+    let policy = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.clone())
+        .unwrap_or_else(|| "Always".into());
+    let grace = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.termination_grace_period_seconds)
+        .unwrap_or(DEFAULT_GRACE_SECONDS)
+        .max(0) as u64;
+    let start_time = now_rfc3339();
+    // The lab runs the pod's first container as the workload; sidecars are out of scope.
+    let Some(c) = containers.into_iter().next() else {
+        return;
+    };
+    let mut restarts: i32 = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .map(|s| s.restart_count)
+        .unwrap_or(0);
+    loop {
+        let mut child = match spawn(&c) {
+            Ok(child) => child,
+            Err(e) => {
+                warn!(error = %e, "spawning container");
+                patch_status(
+                    &ctx,
+                    &pod,
+                    json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()}),
+                )
+                .await;
+                return;
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        for m in &c.mounts {
+            ctx.volume_users.add(&m.host, pid);
+        }
+        timeline(&ctx, &pod, TimelineEvent::Start, Some(pid), None);
+        info!(pid, container = %c.name, "started");
+        let started_at = now_rfc3339();
+        patch_status(&ctx, &pod, json!({
+            "phase": "Running", "hostIP": ctx.ip.to_string(), "podIP": ctx.ip.to_string(), "podIPs": [{"ip": ctx.ip.to_string()}],
+            "startTime": start_time, "conditions": conditions(true),
+            "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "containerID": format!("lab://{pid}"), "ready": true, "started": true, "restartCount": restarts, "state": {"running": {"startedAt": started_at}}}],
+        })).await;
+
+        let exit = tokio::select! {
+            status = child.wait() => status.ok(),
+            _ = until_stopped(&mut stopped) => {
+                terminate(pid, grace, &mut child).await
+            }
+        };
+        ctx.volume_users.remove_pid(pid);
+        let exit_text = exit.map(|s| s.to_string());
+        timeline(
+            &ctx,
+            &pod,
+            TimelineEvent::Stop,
+            Some(pid),
+            exit_text.clone(),
+        );
+        info!(pid, exit = ?exit_text, "stopped");
+        let stop_requested = *stopped.borrow();
+        if stop_requested {
+            return;
+        }
+        let code = exit.and_then(|s| s.code()).unwrap_or(137);
+        let restart = match policy.as_str() {
+            "Never" => false,
+            "OnFailure" => code != 0,
+            _ => true,
+        };
+        let terminated = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }, "finishedAt": now_rfc3339(), "startedAt": started_at});
+        if !restart {
+            let phase = if code == 0 { "Succeeded" } else { "Failed" };
+            patch_status(&ctx, &pod, json!({
+                "phase": phase, "conditions": conditions(false),
+                "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"terminated": terminated}}],
+            }))
+            .await;
+            return;
+        }
+        restarts += 1;
+        let backoff = Duration::from_millis(250u64.saturating_mul(1 << restarts.clamp(0, 10)))
+            .min(MAX_BACKOFF);
+        patch_status(&ctx, &pod, json!({
+            "conditions": conditions(false),
+            "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {backoff:?} restarting failed container")}}, "lastState": {"terminated": terminated}}],
+        }))
+        .await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = until_stopped(&mut stopped) => return,
+        }
+    }
+}
+
+/// Resolves once the pod's stop has been requested.
+async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, so callers' futures stay `Send`.
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// SIGTERM to the process group, SIGKILL after `grace_seconds`; returns the exit status.
+async fn terminate(
+    pid: u32,
+    grace_seconds: u64,
+    child: &mut tokio::process::Child,
+) -> Option<std::process::ExitStatus> {
+    signal_group("TERM", pid);
+    match tokio::time::timeout(Duration::from_secs(grace_seconds), child.wait()).await {
+        Ok(status) => status.ok(),
+        Err(_) => {
+            signal_group("KILL", pid);
+            child.wait().await.ok()
+        }
+    }
+}
+
+fn signal_group(sig: &str, pgid: u32) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg("--")
+        .arg(format!("-{pgid}"))
+        .status();
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Quotes a string for `sh`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn spawn(c: &Prepared) -> Result<tokio::process::Child, PodError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&c.log)
+        .map_err(|source| PodError::Files {
+            path: c.log.clone(),
+            source,
+        })?;
+    let log_err = log.try_clone().map_err(|source| PodError::Files {
+        path: c.log.clone(),
+        source,
+    })?;
+    let mut argv: Vec<String> = vec![c.launch.program.to_string_lossy().into_owned()];
+    argv.extend(c.launch.args.iter().cloned());
+    let mut cmd = if is_root() {
+        // Private mount namespace: bind every volume at its mountPath, then drop privileges.
+        let mut script = String::from("set -e\n");
+        for m in &c.mounts {
+            let target = sh_quote(&m.path);
+            if m.device {
+                script.push_str(&format!(
+                    "mkdir -p \"$(dirname {target})\"; touch {target}\n"
+                ));
+            } else {
+                script.push_str(&format!("mkdir -p {target}\n"));
+            }
+            script.push_str(&format!(
+                "mount --bind {} {target}\n",
+                sh_quote(&m.host.to_string_lossy())
+            ));
+            if m.read_only {
+                script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
+            }
+        }
+        if let Some(dir) = &c.working_dir {
+            script.push_str(&format!("mkdir -p {0}; cd {0}\n", sh_quote(dir)));
+        }
+        let exec = argv
+            .iter()
+            .map(|a| sh_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ");
+        match c.run_as {
+            Some((uid, gid)) => {
+                let gid = gid.unwrap_or(uid);
+                script.push_str(&format!(
+                    "exec setpriv --reuid={uid} --regid={gid} --clear-groups -- {exec}\n"
+                ));
+            }
+            None => script.push_str(&format!("exec {exec}\n")),
+        }
+        let mut cmd = tokio::process::Command::new("unshare");
+        cmd.args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+        cmd
+    } else {
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        if let Some(dir) = &c.working_dir {
+            cmd.current_dir(dir);
+        }
+        cmd
+    };
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .envs(&c.env)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .kill_on_drop(false);
+    cmd.spawn().map_err(|source| PodError::Spawn {
+        container: c.name.clone(),
+        source,
+    })
+}
+
+/// The host directory of one of the pod's volumes, created if needed.
+async fn volume_host_path(
+    ctx: &NodeContext,
+    pod: &Pod,
+    pod_dir: &Path,
+    volume: &k8s_openapi::api::core::v1::Volume,
+) -> Result<(PathBuf, bool), PodError> {
+    let ns = pod.namespace().unwrap_or_default();
+    let err = |reason: String| PodError::Volume {
+        volume: volume.name.clone(),
+        reason,
+    };
+    let files_dir = pod_dir.join("volumes").join(&volume.name);
+    let write_files = |files: BTreeMap<String, Vec<u8>>| -> Result<(PathBuf, bool), PodError> {
+        std::fs::create_dir_all(&files_dir).map_err(|source| PodError::Files {
+            path: files_dir.clone(),
+            source,
+        })?;
+        for (k, v) in files {
+            let p = files_dir.join(k);
+            std::fs::write(&p, v).map_err(|source| PodError::Files {
+                path: p.clone(),
+                source,
+            })?;
+        }
+        Ok((files_dir.clone(), false))
+    };
+    if let Some(pvc) = &volume.persistent_volume_claim {
+        let found = super::storage::volume_path(&ctx.client, &ns, &pvc.claim_name)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let (path, mode) = found.ok_or_else(|| {
+            err(format!(
+                "persistentvolumeclaim {:?} is not bound",
+                pvc.claim_name
+            ))
+        })?;
+        return Ok((path, mode == super::storage::VolumeMode::Block));
+    }
+    if volume.empty_dir.is_some() {
+        std::fs::create_dir_all(&files_dir).map_err(|source| PodError::Files {
+            path: files_dir.clone(),
+            source,
+        })?;
+        return Ok((files_dir, false));
+    }
+    if let Some(cm) = &volume.config_map {
+        let name = cm.name.clone();
+        let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let cm = found.ok_or_else(|| err(format!("configmap {name:?} not found")))?;
+        return write_files(
+            cm.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect(),
+        );
+    }
+    if let Some(secret) = &volume.secret {
+        let name = secret.secret_name.clone().unwrap_or_default();
+        let found = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&name)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let s = found.ok_or_else(|| err(format!("secret {name:?} not found")))?;
+        let mut files: BTreeMap<String, Vec<u8>> = s
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        files.extend(
+            s.string_data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes())),
+        );
+        return write_files(files);
+    }
+    if let Some(hp) = &volume.host_path {
+        return Ok((PathBuf::from(&hp.path), false));
+    }
+    Err(err("volume type not supported by the lab (persistentVolumeClaim, emptyDir, configMap, secret, hostPath are)".into()))
+}
+
+/// Resolves env, volumes, image and identity for each container of the pod.
+async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<Vec<Prepared>, PodError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let ns = pod.namespace().unwrap_or_default();
+    let pod_dir = ctx.pods_dir().join(format!(
+        "{ns}_{}_{}",
+        pod.name_any(),
+        pod.uid().unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&pod_dir).map_err(|source| PodError::Files {
+        path: pod_dir.clone(),
+        source,
+    })?;
+    let mut volumes: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
+    for v in spec.volumes.iter().flatten() {
+        volumes.insert(
+            v.name.clone(),
+            volume_host_path(ctx, pod, &pod_dir, v).await?,
+        );
+    }
+    let pod_sc = spec.security_context.clone().unwrap_or_default();
+    if let (Some(fs_group), true) = (pod_sc.fs_group, is_root()) {
+        for (path, _) in volumes.values() {
+            // fsGroup: the volume's group becomes fsGroup and is group-writable.
+            let _ = std::process::Command::new("chgrp")
+                .arg("-R")
+                .arg(fs_group.to_string())
+                .arg(path)
+                .status();
+            let _ = std::process::Command::new("chmod")
+                .arg("-R")
+                .arg("g+rwX")
+                .arg(path)
+                .status();
+        }
+    }
+    let mut out = Vec::new();
+    for c in &spec.containers {
+        out.push(prepare_container(ctx, pod, &pod_dir, c, &volumes, &pod_sc).await?);
+    }
+    Ok(out)
+}
+
+async fn prepare_container(
+    ctx: &NodeContext,
+    pod: &Pod,
+    pod_dir: &Path,
+    c: &Container,
+    volumes: &BTreeMap<String, (PathBuf, bool)>,
+    pod_sc: &k8s_openapi::api::core::v1::PodSecurityContext,
+) -> Result<Prepared, PodError> {
+    let launch = ctx
+        .catalog
+        .resolve(
+            c.image.as_deref().unwrap_or_default(),
+            c.command.as_deref().unwrap_or_default(),
+            c.args.as_deref().unwrap_or_default(),
+        )
+        .map_err(|source| PodError::Image {
+            container: c.name.clone(),
+            source,
+        })?;
+    let mut mounts = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let (host, _) = volumes.get(&m.name).ok_or_else(|| PodError::Volume {
+            volume: m.name.clone(),
+            reason: "no such volume in the pod".into(),
+        })?;
+        let host = match m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+            Some(sub) => {
+                let p = host.join(sub);
+                std::fs::create_dir_all(&p).map_err(|source| PodError::Files {
+                    path: p.clone(),
+                    source,
+                })?;
+                p
+            }
+            None => host.clone(),
+        };
+        mounts.push(Mount {
+            host,
+            path: m.mount_path.clone(),
+            read_only: m.read_only.unwrap_or(false),
+            device: false,
+        });
+    }
+    for d in c.volume_devices.iter().flatten() {
+        let (host, _) = volumes.get(&d.name).ok_or_else(|| PodError::Volume {
+            volume: d.name.clone(),
+            reason: "no such volume in the pod".into(),
+        })?;
+        mounts.push(Mount {
+            host: host.clone(),
+            path: d.device_path.clone(),
+            read_only: false,
+            device: true,
+        });
+    }
+    let env = container_env(ctx, pod, c).await?;
+    let env = if is_root() {
+        env
+    } else {
+        rewrite_mount_paths(env, &mounts)
+    };
+    let sc = c.security_context.clone().unwrap_or_default();
+    let uid = sc.run_as_user.or(pod_sc.run_as_user);
+    let gid = sc.run_as_group.or(pod_sc.run_as_group);
+    Ok(Prepared {
+        name: c.name.clone(),
+        launch,
+        env,
+        mounts,
+        working_dir: c.working_dir.clone(),
+        run_as: uid.map(|u| (u, gid)),
+        log: pod_dir.join(format!("{}.log", c.name)),
+    })
+}
+
+/// Without mount namespaces, values naming a path under a mountPath point at the host path.
+fn rewrite_mount_paths(
+    env: BTreeMap<String, String>,
+    mounts: &[Mount],
+) -> BTreeMap<String, String> {
+    env.into_iter()
+        .map(|(k, v)| {
+            let rewritten = mounts
+                .iter()
+                .filter(|m| {
+                    v == m.path || v.starts_with(&format!("{}/", m.path.trim_end_matches('/')))
+                })
+                .max_by_key(|m| m.path.len())
+                .map(|m| {
+                    format!(
+                        "{}{}",
+                        m.host.to_string_lossy(),
+                        &v[m.path.trim_end_matches('/').len()..]
+                    )
+                });
+            (k, rewritten.unwrap_or(v))
+        })
+        .collect()
+}
+
+/// The container's environment: `env` (values, fieldRef, configMapKeyRef, secretKeyRef),
+/// `envFrom`, plus `KUBECONFIG` for the site and `POD_IP`.
+async fn container_env(
+    ctx: &NodeContext,
+    pod: &Pod,
+    c: &Container,
+) -> Result<BTreeMap<String, String>, PodError> {
+    let ns = pod.namespace().unwrap_or_default();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let env_err = |name: &str, reason: String| PodError::Volume {
+        volume: format!("env {name}"),
+        reason,
+    };
+    let mut env = BTreeMap::new();
+    env.insert(
+        "KUBECONFIG".to_string(),
+        ctx.kubeconfig.to_string_lossy().into_owned(),
+    );
+    env.insert("POD_IP".to_string(), ctx.ip.to_string());
+    env.insert("HOSTNAME".to_string(), pod.name_any());
+    for from in c.env_from.iter().flatten() {
+        let prefix = from.prefix.clone().unwrap_or_default();
+        if let Some(r) = &from.config_map_ref {
+            if let Ok(cm) = cms.get(&r.name).await {
+                env.extend(
+                    cm.data
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| (format!("{prefix}{k}"), v)),
+                );
+            }
+        }
+        if let Some(r) = &from.secret_ref {
+            if let Ok(s) = secrets.get(&r.name).await {
+                env.extend(s.data.unwrap_or_default().into_iter().map(|(k, v)| {
+                    (
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v.0).into_owned(),
+                    )
+                }));
+            }
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let value = match (&e.value, &e.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                if let Some(f) = &from.field_ref {
+                    match f.field_path.as_str() {
+                        "metadata.name" => pod.name_any(),
+                        "metadata.namespace" => ns.clone(),
+                        "metadata.uid" => pod.uid().unwrap_or_default(),
+                        "spec.nodeName" => ctx.node_name.clone(),
+                        "status.podIP" | "status.hostIP" => ctx.ip.to_string(),
+                        other => {
+                            return Err(env_err(
+                                &e.name,
+                                format!("fieldRef {other} is not supported by the lab"),
+                            ))
+                        }
+                    }
+                } else if let Some(k) = &from.config_map_key_ref {
+                    let cm = cms
+                        .get(&k.name)
+                        .await
+                        .map_err(|x| env_err(&e.name, x.to_string()))?;
+                    cm.data
+                        .unwrap_or_default()
+                        .get(&k.key)
+                        .cloned()
+                        .ok_or_else(|| {
+                            env_err(
+                                &e.name,
+                                format!("key {} not in configmap {}", k.key, k.name),
+                            )
+                        })?
+                } else if let Some(k) = &from.secret_key_ref {
+                    let s = secrets
+                        .get(&k.name)
+                        .await
+                        .map_err(|x| env_err(&e.name, x.to_string()))?;
+                    let bytes = s
+                        .data
+                        .unwrap_or_default()
+                        .get(&k.key)
+                        .map(|b| b.0.clone())
+                        .ok_or_else(|| {
+                            env_err(&e.name, format!("key {} not in secret {}", k.key, k.name))
+                        })?;
+                    String::from_utf8_lossy(&bytes).into_owned()
+                } else {
+                    String::new()
+                }
+            }
+            (None, None) => String::new(),
+        };
+        env.insert(e.name.clone(), expand(&value, &env));
+    }
+    Ok(env)
+}
+
+/// Expands `$(VAR)` references to earlier variables, as the kubelet does.
+fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = value.to_string();
+    for (k, v) in env {
+        out = out.replace(&format!("$({k})"), v);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_and_expansion() {
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+        let env = BTreeMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(expand("$(A)/y", &env), "x/y");
+    }
+
+    #[test]
+    fn mount_paths_rewritten_without_namespaces() {
+        let mounts = [Mount {
+            host: "/lab/v1".into(),
+            path: "/data".into(),
+            read_only: false,
+            device: false,
+        }];
+        let env = BTreeMap::from([
+            ("DATA_DIR".to_string(), "/data/db".to_string()),
+            ("OTHER".to_string(), "/database".to_string()),
+        ]);
+        let out = rewrite_mount_paths(env, &mounts);
+        assert_eq!(out["DATA_DIR"], "/lab/v1/db");
+        assert_eq!(
+            out["OTHER"], "/database",
+            "only whole path components match"
+        );
+    }
+}

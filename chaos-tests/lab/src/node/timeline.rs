@@ -1,0 +1,111 @@
+//! The per-site timeline: one JSON line per pod process start and stop, appended and synced,
+//! so chaos tests can prove that two sites never ran the same app at once.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// What happened to a pod's process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimelineEvent {
+    /// The process started.
+    Start,
+    /// The process ended (it exited or was stopped).
+    Stop,
+    /// The whole site was killed; every process of it ended at this instant.
+    SiteKilled,
+}
+
+/// One timeline line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Wall-clock time in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Site name.
+    pub site: String,
+    /// What happened.
+    pub event: TimelineEvent,
+    /// Pod namespace (empty for `site_killed`).
+    pub namespace: String,
+    /// Pod name (empty for `site_killed`).
+    pub pod: String,
+    /// The pod's `app` label, which names the app across sites.
+    pub app: Option<String>,
+    /// Process id.
+    pub pid: Option<u32>,
+    /// Exit status for `stop`, when known.
+    pub exit: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// An append-only timeline file.
+pub struct Timeline {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+impl Timeline {
+    /// A timeline at `path` (created on first append).
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one entry and syncs it to disk, so it survives the site being killed.
+    ///
+    /// # Errors
+    /// The I/O error when the file cannot be written.
+    pub fn append(&self, entry: &TimelineEntry) -> std::io::Result<()> {
+        let _guard = self.lock.lock().expect("timeline lock poisoned");
+        append_to(&self.path, entry)
+    }
+}
+
+/// Appends one entry to the timeline file at `path` (used by `ferry-lab site kill`, which is
+/// not the site process).
+///
+/// # Errors
+/// The I/O error when the file cannot be written.
+pub fn append_to(path: &Path, entry: &TimelineEntry) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(entry).expect("timeline entries serialise");
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// Reads every entry of a timeline file, skipping a torn last line.
+///
+/// # Errors
+/// The I/O error when the file exists but cannot be read.
+pub fn read(path: &Path) -> std::io::Result<Vec<TimelineEntry>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
