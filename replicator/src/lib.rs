@@ -6,6 +6,19 @@
 //! against the last generation the destination committed) → ship (gRPC source) → stage
 //! (destination: write and verify) → commit (promote atomically).
 //!
-//! This crate currently holds the delta engine; the other stages follow (issue 3).
+//! Modules: [`delta`] (the engine), [`mover`] (the processes holding volume bytes),
+//! [`source`] (schedule and ship), [`destination`] (stage, verify, commit), [`transport`] and
+//! [`tls`] (gRPC over mutual TLS), [`manifests`] (capture, sanitise, transform), [`cluster`]
+//! (everything Kubernetes-specific), [`site`] and [`cli`] (the binary).
 
+pub mod cli;
+pub mod cluster;
 pub mod delta;
+pub mod destination;
+pub mod manifests;
+pub mod metrics;
+pub mod mover;
+pub mod site;
+pub mod source;
+pub mod tls;
+pub mod transport;

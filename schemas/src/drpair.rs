@@ -378,6 +378,12 @@ pub struct DRPairStatus {
     /// metadata.generation of the spec this status was computed from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The value of the `ferry.dev/sync-request` annotation last honoured: a
+    /// generation captured after that request was seen is committed at the
+    /// destination. A controller that needs a sync now (a migration's final
+    /// sync) sets a new annotation value and waits for it to appear here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_request: Option<String>,
     /// Conditions keyed by type: Synced, PeerReachable, RPOMet, Ready,
     /// FailoverBlocked, WitnessQuorumLost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -36,6 +36,7 @@ pub mod duration;
 pub mod fixtures;
 pub mod ids;
 pub mod migration;
+pub mod proto;
 mod schema;
 pub mod site;
 pub mod validation;

@@ -219,18 +219,32 @@ pub fn signal_site(dir: &Path, name: &str, signal: &str) -> Result<i32> {
         .with_context(|| format!("site {name} is not running"))?;
     let mut targets = vec![pid];
     if signal == "KILL" {
-        // Collect the tree first: once the site dies its children are re-parented.
+        // Freeze the site so it cannot start another pod, then collect the tree: once the
+        // site dies its children are re-parented and no longer findable from it.
+        send_signal("STOP", &[pid])?;
         targets.extend(descendants(pid));
     }
+    send_signal(signal, &targets)?;
+    if signal == "KILL" {
+        // SIGKILL is delivered asynchronously: return once every process is really gone.
+        for target in &targets {
+            wait_gone(*target, Duration::from_secs(10))?;
+        }
+    }
+    Ok(pid)
+}
+
+fn send_signal(signal: &str, targets: &[i32]) -> Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .args(targets.iter().map(|p| p.to_string()))
         .status()
         .context("running kill")?;
-    if !status.success() {
+    // A process that exited in the meantime makes kill fail; only the living matter.
+    if !status.success() && targets.iter().any(|p| alive(*p)) && signal != "KILL" {
         bail!("kill -{signal} {targets:?} failed");
     }
-    Ok(pid)
+    Ok(())
 }
 
 /// Waits until process `pid` is gone.

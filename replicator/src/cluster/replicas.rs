@@ -1,0 +1,251 @@
+//! The destination's replicas in Kubernetes, as VolSync's ReplicationDestination keeps them:
+//! one staging PVC per volume (`ferry-<pair>-<volume>-replica`) written by a mover pod, a
+//! VolumeSnapshot of it per committed generation (`ferry-<pair>-<volume>-g<N>`) and a Secret
+//! with the generation's manifests (`ferry-<pair>-g<N>-manifests`, key `manifests.json`; a
+//! Secret because manifests include the app's Secrets).
+//!
+//! Failover and migration create the app's PVCs from a generation's snapshots, so a torn
+//! staging volume never touches a committed generation.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::ByteString;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use super::movers::{MoverPods, PAIR_LABEL};
+use super::volumes::{
+    create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
+};
+use crate::destination::{PairKey, ReplicaError, ReplicaStore, VolumeSpec};
+use crate::mover::MoverSession;
+
+/// Label: the generation a snapshot or manifests Secret belongs to.
+pub const GENERATION_LABEL: &str = "ferry.dev/generation";
+/// Label: the source volume (PVC name) a replica object belongs to.
+pub const VOLUME_LABEL: &str = "ferry.dev/volume";
+/// Label: `replica` on every object the destination keeps.
+pub const ROLE_LABEL: &str = "ferry.dev/role";
+/// Key of the manifests in a generation's Secret.
+pub const MANIFESTS_KEY: &str = "manifests.json";
+
+/// Name of the staging PVC of `volume`.
+pub fn staging_claim(pair: &str, volume: &str) -> String {
+    format!("ferry-{pair}-{volume}-replica")
+}
+
+/// Name of the VolumeSnapshot holding `volume` at `generation`.
+pub fn generation_snapshot(pair: &str, volume: &str, generation: u64) -> String {
+    format!("ferry-{pair}-{volume}-g{generation}")
+}
+
+/// Name of the Secret holding the manifests of `generation`.
+pub fn manifests_secret(pair: &str, generation: u64) -> String {
+    format!("ferry-{pair}-g{generation}-manifests")
+}
+
+/// Replicas kept as PVCs, VolumeSnapshots and Secrets in the pair's namespace.
+#[derive(Clone)]
+pub struct KubeReplicas {
+    client: Client,
+    movers: MoverPods,
+}
+
+impl KubeReplicas {
+    /// Replicas through `client`, with movers started by `movers`.
+    pub fn new(client: Client, movers: MoverPods) -> Self {
+        Self { client, movers }
+    }
+
+    fn labels(
+        pair: &PairKey,
+        generation: Option<u64>,
+        volume: Option<&str>,
+    ) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::from([
+            (PAIR_LABEL.to_string(), pair.name.clone()),
+            (ROLE_LABEL.to_string(), "replica".to_string()),
+            (
+                "app.kubernetes.io/managed-by".to_string(),
+                "ferry-replicator".to_string(),
+            ),
+        ]);
+        if let Some(g) = generation {
+            labels.insert(GENERATION_LABEL.to_string(), g.to_string());
+        }
+        if let Some(v) = volume {
+            labels.insert(VOLUME_LABEL.to_string(), v.to_string());
+        }
+        labels
+    }
+
+    async fn ensure_namespace(&self, namespace: &str) -> Result<(), ReplicaError> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}}))
+            .map_err(|e| ReplicaError::Kube(e.to_string()))?;
+        match api.create(&PostParams::default(), &ns).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(ReplicaError::Kube(format!(
+                "creating namespace {namespace}: {e}"
+            ))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ReplicaStore for KubeReplicas {
+    async fn stage(
+        &self,
+        pair: &PairKey,
+        volume: &VolumeSpec,
+        base: Option<&str>,
+        reset: bool,
+    ) -> Result<MoverSession, ReplicaError> {
+        self.ensure_namespace(&pair.namespace).await?;
+        let claim = staging_claim(&pair.name, &volume.volume);
+        let exists = Api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>::namespaced(
+            self.client.clone(),
+            &pair.namespace,
+        )
+        .get_opt(&claim)
+        .await
+        .map_err(|e| ReplicaError::Kube(format!("reading PVC {}/{claim}: {e}", pair.namespace)))?
+        .is_some();
+        if reset || !exists {
+            // Movers of an abandoned sync may still hold the claim.
+            self.movers
+                .stop(&pair.namespace, &pair.name, "destination")
+                .await?;
+            delete_claim(&self.client, &pair.namespace, &claim).await?;
+            let shape = ClaimShape {
+                block: volume.block,
+                storage_class: None,
+                capacity: if volume.capacity.is_empty() {
+                    "1Gi".into()
+                } else {
+                    volume.capacity.clone()
+                },
+            };
+            create_claim(
+                &self.client,
+                &pair.namespace,
+                &claim,
+                &shape,
+                base,
+                &Self::labels(pair, None, Some(&volume.volume)),
+            )
+            .await?;
+        }
+        self.movers
+            .start(
+                &pair.namespace,
+                &pair.name,
+                "destination",
+                &claim,
+                volume.block,
+                false,
+            )
+            .await
+    }
+
+    async fn release(&self, pair: &PairKey) -> Result<(), ReplicaError> {
+        self.movers
+            .stop(&pair.namespace, &pair.name, "destination")
+            .await
+    }
+
+    async fn snapshot(
+        &self,
+        pair: &PairKey,
+        generation: u64,
+        volumes: &[VolumeSpec],
+    ) -> Result<BTreeMap<String, String>, ReplicaError> {
+        let mut names = BTreeMap::new();
+        for volume in volumes {
+            let name = generation_snapshot(&pair.name, &volume.volume, generation);
+            // A leftover of a sync that died before its commit point is not this generation.
+            delete_snapshot(&self.client, &pair.namespace, &name).await?;
+            snapshot_claim(
+                &self.client,
+                &pair.namespace,
+                &name,
+                &staging_claim(&pair.name, &volume.volume),
+                &Self::labels(pair, Some(generation), Some(&volume.volume)),
+            )
+            .await?;
+            names.insert(volume.volume.clone(), name);
+        }
+        Ok(names)
+    }
+
+    async fn store_manifests(
+        &self,
+        pair: &PairKey,
+        generation: u64,
+        manifests_json: &[u8],
+    ) -> Result<(), ReplicaError> {
+        let name = manifests_secret(&pair.name, generation);
+        let mut secret = Secret {
+            type_: Some("ferry.dev/manifests".into()),
+            data: Some(BTreeMap::from([(
+                MANIFESTS_KEY.to_string(),
+                ByteString(manifests_json.to_vec()),
+            )])),
+            ..Secret::default()
+        };
+        secret.metadata.name = Some(name.clone());
+        secret.metadata.labels = Some(Self::labels(pair, Some(generation), None));
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &pair.namespace);
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        api.create(&PostParams::default(), &secret)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ReplicaError::Kube(format!(
+                    "storing manifests Secret {}/{name}: {e}",
+                    pair.namespace
+                ))
+            })
+    }
+
+    async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError> {
+        let selector = format!("{PAIR_LABEL}={},{ROLE_LABEL}=replica", pair.name);
+        let stale = |labels: &BTreeMap<String, String>| {
+            labels
+                .get(GENERATION_LABEL)
+                .and_then(|g| g.parse::<u64>().ok())
+                .is_some_and(|g| !keep.contains(&g))
+        };
+        for (name, labels) in list_snapshots(&self.client, &pair.namespace, &selector).await? {
+            if stale(&labels) {
+                delete_snapshot(&self.client, &pair.namespace, &name).await?;
+            }
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &pair.namespace);
+        let list = secrets
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| {
+                ReplicaError::Kube(format!(
+                    "listing manifests Secrets in {}: {e}",
+                    pair.namespace
+                ))
+            })?;
+        for secret in list.items {
+            if stale(secret.metadata.labels.as_ref().unwrap_or(&BTreeMap::new())) {
+                let name = secret.metadata.name.unwrap_or_default();
+                let _ = secrets.delete(&name, &DeleteParams::default()).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for KubeReplicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeReplicas").finish_non_exhaustive()
+    }
+}

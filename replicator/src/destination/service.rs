@@ -1,0 +1,532 @@
+//! The destination's `Replication` gRPC service: stages a generation, verifies it and commits
+//! it atomically.
+//!
+//! Per pair, one sync is live at a time. `Begin` checks the epoch and the base, resets staging
+//! if a previous sync died half-way, and opens one mover per volume. `Push` hands each chunk to
+//! its volume's mover and acknowledges it (or asks for it again when its checksum fails).
+//! `Commit` finishes and verifies every volume, takes the point-in-time copies, stores the
+//! manifests and then writes the journal: that flushed write is the commit point. A crash
+//! anywhere before it leaves the previous generation as the newest, untouched; the staging
+//! copies are reset from it on the next `Begin`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use ferry_schemas::proto::replication::{
+    chunk_ack, replication_server::Replication, BeginRequest, BeginResponse, ChunkAck,
+    ChunkMessage, CommitRequest, CommitResponse, StateRequest, StateResponse, SyncHeader,
+    VolumeResume,
+};
+use tokio::sync::{mpsc, Mutex};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::journal::{CommittedGeneration, Journal, PairRecord};
+use super::replicas::{PairKey, ReplicaStore, VolumeSpec};
+use crate::delta::{Generation, StreamId, VolumeDigest};
+use crate::mover::{ApplyOutcome, MoverSession};
+
+/// Why the destination refused or failed a sync: the reason is a stable CamelCase word used
+/// for Events and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `StaleEpoch`, `ChunkCorrupt`, `BaseMismatch`, `StagingFailed` or `CommitFailed`.
+    pub reason: &'static str,
+    /// One line naming the cause.
+    pub message: String,
+}
+
+/// What the destination tells the rest of its site: Events, status and metrics. All methods
+/// have no-op defaults.
+#[tonic::async_trait]
+pub trait DestinationObserver: Send + Sync + 'static {
+    /// The pair's epoch as this site records it (its DRPair status), if any: a sync under an
+    /// older epoch is refused even if the journal never saw the newer one.
+    async fn site_epoch(&self, _pair: &PairKey) -> Option<u64> {
+        None
+    }
+    /// A sync was refused or failed.
+    async fn rejected(&self, _pair: &PairKey, _rejection: &Rejection) {}
+    /// A generation committed; `pair_json` is the DRPair as the source declared it.
+    async fn committed(
+        &self,
+        _pair: &PairKey,
+        _generation: &CommittedGeneration,
+        _pair_json: &[u8],
+    ) {
+    }
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl DestinationObserver for NoObserver {}
+
+struct LiveVolume {
+    spec: VolumeSpec,
+    session: MoverSession,
+    next_seq: u64,
+}
+
+struct LiveSync {
+    generation: u64,
+    epoch: u64,
+    volumes: BTreeMap<String, LiveVolume>,
+    pair_json: Vec<u8>,
+    chunks_rejected: u64,
+}
+
+/// The destination service. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Destination {
+    journal: Journal,
+    replicas: Arc<dyn ReplicaStore>,
+    observer: Arc<dyn DestinationObserver>,
+    retain: usize,
+    live: Arc<Mutex<HashMap<PairKey, LiveSync>>>,
+}
+
+impl std::fmt::Debug for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Destination")
+            .field("journal", &self.journal)
+            .field("retain", &self.retain)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pair_of(header: Option<&SyncHeader>) -> Result<(PairKey, &SyncHeader), Status> {
+    let header = header.ok_or_else(|| Status::invalid_argument("header: required"))?;
+    let pair = header
+        .pair
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("header.pair: required"))?;
+    if pair.namespace.is_empty() || pair.name.is_empty() {
+        return Err(Status::invalid_argument(
+            "header.pair: namespace and name are required",
+        ));
+    }
+    Ok((
+        PairKey {
+            namespace: pair.namespace.clone(),
+            name: pair.name.clone(),
+        },
+        header,
+    ))
+}
+
+fn internal(context: &str, error: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{context}: {error}"))
+}
+
+impl Destination {
+    /// A destination journaling in `journal`, keeping replicas in `replicas` and the newest
+    /// `retain` (≥ 1) generations per pair.
+    pub fn new(
+        journal: Journal,
+        replicas: Arc<dyn ReplicaStore>,
+        observer: Arc<dyn DestinationObserver>,
+        retain: usize,
+    ) -> Self {
+        Self {
+            journal,
+            replicas,
+            observer,
+            retain: retain.max(1),
+            live: Arc::default(),
+        }
+    }
+
+    /// The journal record of `pair` (for status and tests).
+    ///
+    /// # Errors
+    /// A journal error as text.
+    pub fn record(&self, pair: &PairKey) -> Result<PairRecord, String> {
+        self.journal
+            .load(&pair.to_string())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn reject(&self, pair: &PairKey, reason: &'static str, status: Status) -> Status {
+        let rejection = Rejection {
+            reason,
+            message: status.message().to_string(),
+        };
+        tracing::warn!(pair = %pair, reason, message = %rejection.message, "sync rejected");
+        self.observer.rejected(pair, &rejection).await;
+        status
+    }
+
+    /// Refuses `epoch` when older than what the journal or the site knows.
+    async fn check_epoch(
+        &self,
+        pair: &PairKey,
+        record: &PairRecord,
+        epoch: u64,
+    ) -> Result<(), Status> {
+        let site = self.observer.site_epoch(pair).await.unwrap_or(0);
+        let known = record.epoch.max(site);
+        if epoch < known {
+            let status = Status::failed_precondition(format!(
+                "stale epoch {epoch} for pair {pair}: this site knows epoch {known}; \
+                 the sender is no longer the active site"
+            ));
+            return Err(self.reject(pair, "StaleEpoch", status).await);
+        }
+        Ok(())
+    }
+
+    async fn begin_sync(&self, request: BeginRequest) -> Result<BeginResponse, Status> {
+        let (pair, header) = pair_of(request.header.as_ref())?;
+        let key = pair.to_string();
+        let mut record = self
+            .journal
+            .load(&key)
+            .map_err(|e| internal("journal", e))?;
+        self.check_epoch(&pair, &record, header.epoch).await?;
+        let committed = record.newest().map(|g| g.generation);
+        if committed.is_some_and(|c| header.generation <= c) {
+            return Err(Status::failed_precondition(format!(
+                "generation {} of pair {pair} is not after the committed generation {}",
+                header.generation,
+                committed.unwrap_or(0)
+            )));
+        }
+        for volume in &request.volumes {
+            if volume.base_generation.is_some() && volume.base_generation != committed {
+                let status = Status::failed_precondition(format!(
+                    "volume {}: base generation {:?} is not the committed generation {:?}; \
+                     send a full copy",
+                    volume.volume, volume.base_generation, committed
+                ));
+                return Err(self.reject(&pair, "BaseMismatch", status).await);
+            }
+        }
+        let mut live = self.live.lock().await;
+        if let Some(sync) = live.get(&pair) {
+            if sync.generation == header.generation && sync.epoch == header.epoch {
+                // A reconnect: resume where each volume's stream stands.
+                return Ok(BeginResponse {
+                    volumes: sync
+                        .volumes
+                        .values()
+                        .map(|v| VolumeResume {
+                            volume: v.spec.volume.clone(),
+                            next_seq: v.next_seq,
+                        })
+                        .collect(),
+                    committed_generation: committed,
+                });
+            }
+        }
+        // Any other live sync of this pair is abandoned; its staging is torn.
+        let torn = live.remove(&pair).is_some() || record.staging.is_some();
+        drop(live);
+        self.replicas
+            .release(&pair)
+            .await
+            .map_err(|e| internal("releasing movers", e))?;
+        if header.epoch > record.epoch {
+            record.epoch = header.epoch;
+        }
+        record.staging = Some(header.generation);
+        self.journal
+            .store(&key, &record)
+            .map_err(|e| internal("journal", e))?;
+        let keep: Vec<u64> = record.committed.iter().map(|g| g.generation).collect();
+        self.replicas
+            .prune(&pair, &keep)
+            .await
+            .map_err(|e| internal("pruning uncommitted copies", e))?;
+        let mut volumes = BTreeMap::new();
+        for volume in request.volumes {
+            let spec = VolumeSpec {
+                volume: volume.volume.clone(),
+                block: volume.block,
+                capacity: volume.capacity.clone(),
+            };
+            let base_copy = record
+                .newest()
+                .filter(|_| volume.base_generation.is_some())
+                .and_then(|g| g.snapshots.get(&volume.volume))
+                .map(String::as_str);
+            // A full copy starts from empty; a delta from the committed copy.
+            let reset = torn || volume.base_generation.is_none();
+            let mut session = match self.replicas.stage(&pair, &spec, base_copy, reset).await {
+                Ok(session) => session,
+                Err(e) => {
+                    let status = Status::unavailable(format!(
+                        "staging volume {} of pair {pair}: {e}",
+                        volume.volume
+                    ));
+                    return Err(self.reject(&pair, "StagingFailed", status).await);
+                }
+            };
+            let stream = StreamId {
+                base: volume.base_generation.map(Generation),
+                generation: Generation(header.generation),
+            };
+            session
+                .open(stream, volume.block)
+                .await
+                .map_err(|e| internal("opening the staging volume", e))?;
+            volumes.insert(
+                volume.volume,
+                LiveVolume {
+                    spec,
+                    session,
+                    next_seq: 0,
+                },
+            );
+        }
+        let resume = volumes
+            .values()
+            .map(|v| VolumeResume {
+                volume: v.spec.volume.clone(),
+                next_seq: 0,
+            })
+            .collect();
+        self.live.lock().await.insert(
+            pair,
+            LiveSync {
+                generation: header.generation,
+                epoch: header.epoch,
+                volumes,
+                pair_json: request.pair_json,
+                chunks_rejected: 0,
+            },
+        );
+        Ok(BeginResponse {
+            volumes: resume,
+            committed_generation: committed,
+        })
+    }
+
+    async fn push_chunk(&self, message: ChunkMessage) -> Result<ChunkAck, Status> {
+        let (pair, header) = pair_of(message.header.as_ref())?;
+        let mut live = self.live.lock().await;
+        let Some(sync) = live.get_mut(&pair) else {
+            return Err(Status::failed_precondition(format!(
+                "no sync of pair {pair} is in progress: call Begin first"
+            )));
+        };
+        if sync.generation != header.generation || sync.epoch != header.epoch {
+            return Err(Status::failed_precondition(format!(
+                "chunk for generation {} epoch {} but the live sync of {pair} is generation {} \
+                 epoch {}",
+                header.generation, header.epoch, sync.generation, sync.epoch
+            )));
+        }
+        let Some(volume) = sync.volumes.get_mut(&message.volume) else {
+            return Err(Status::invalid_argument(format!(
+                "volume {:?} is not part of generation {}",
+                message.volume, sync.generation
+            )));
+        };
+        let ack = |result| ChunkAck {
+            volume: message.volume.clone(),
+            result: Some(result),
+        };
+        if message.seq < volume.next_seq {
+            // Already staged (a resumed stream re-sent it): nothing to do.
+            return Ok(ack(chunk_ack::Result::Applied(message.seq)));
+        }
+        if message.seq > volume.next_seq {
+            return Ok(ack(chunk_ack::Result::ResendFrom(volume.next_seq)));
+        }
+        match volume.session.apply(message.chunk).await {
+            Ok(ApplyOutcome::Applied(seq)) => {
+                volume.next_seq = seq + 1;
+                Ok(ack(chunk_ack::Result::Applied(seq)))
+            }
+            Ok(ApplyOutcome::Corrupt(seq)) => {
+                sync.chunks_rejected += 1;
+                let volume_name = message.volume.clone();
+                drop(live);
+                let rejection = Rejection {
+                    reason: "ChunkCorrupt",
+                    message: format!(
+                        "chunk {seq} of volume {volume_name} failed its checksum; re-requested"
+                    ),
+                };
+                tracing::warn!(pair = %pair, message = %rejection.message, "corrupt chunk");
+                self.observer.rejected(&pair, &rejection).await;
+                Ok(ack(chunk_ack::Result::ResendFrom(seq)))
+            }
+            Err(e) => {
+                live.remove(&pair);
+                drop(live);
+                let status = Status::internal(format!(
+                    "applying to volume {} of pair {pair}: {e}",
+                    message.volume
+                ));
+                Err(self.reject(&pair, "StagingFailed", status).await)
+            }
+        }
+    }
+
+    async fn commit_sync(&self, request: CommitRequest) -> Result<CommitResponse, Status> {
+        let (pair, header) = pair_of(request.header.as_ref())?;
+        let key = pair.to_string();
+        let Some(mut sync) = self.live.lock().await.remove(&pair) else {
+            return Err(Status::failed_precondition(format!(
+                "no sync of pair {pair} is in progress"
+            )));
+        };
+        if sync.generation != header.generation || sync.epoch != header.epoch {
+            return Err(Status::failed_precondition(format!(
+                "commit of generation {} does not match the live sync (generation {})",
+                header.generation, sync.generation
+            )));
+        }
+        let mut record = self
+            .journal
+            .load(&key)
+            .map_err(|e| internal("journal", e))?;
+        // The epoch may have moved on while the generation streamed.
+        self.check_epoch(&pair, &record, header.epoch).await?;
+        let digests: BTreeMap<&str, &[u8]> = request
+            .volumes
+            .iter()
+            .map(|v| (v.volume.as_str(), v.digest.as_slice()))
+            .collect();
+        for (name, volume) in sync.volumes.iter_mut() {
+            let digest: [u8; 32] = digests
+                .get(name.as_str())
+                .and_then(|d| (*d).try_into().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("volumes: no 32-byte digest for {name}"))
+                })?;
+            if let Err(e) = volume.session.finish(VolumeDigest(digest)).await {
+                let status = Status::data_loss(format!(
+                    "volume {name} of pair {pair} did not verify: {e}; generation {} discarded",
+                    header.generation
+                ));
+                return Err(self.reject(&pair, "CommitFailed", status).await);
+            }
+        }
+        let specs: Vec<VolumeSpec> = sync.volumes.values().map(|v| v.spec.clone()).collect();
+        drop(sync.volumes);
+        let fail = |e: super::replicas::ReplicaError| {
+            Status::unavailable(format!(
+                "committing generation {} of pair {pair}: {e}",
+                header.generation
+            ))
+        };
+        self.replicas.release(&pair).await.map_err(fail)?;
+        let snapshots = self
+            .replicas
+            .snapshot(&pair, header.generation, &specs)
+            .await
+            .map_err(fail)?;
+        self.replicas
+            .store_manifests(&pair, header.generation, &request.manifests_json)
+            .await
+            .map_err(fail)?;
+        let generation = CommittedGeneration {
+            generation: header.generation,
+            epoch: header.epoch,
+            capture_time_unix_seconds: request.capture_time_unix_seconds,
+            snapshots,
+        };
+        record.committed.insert(0, generation.clone());
+        record.committed.truncate(self.retain);
+        record.staging = None;
+        // The commit point.
+        self.journal
+            .store(&key, &record)
+            .map_err(|e| internal("journal", e))?;
+        tracing::info!(pair = %pair, generation = header.generation, "generation committed");
+        let keep: Vec<u64> = record.committed.iter().map(|g| g.generation).collect();
+        if let Err(e) = self.replicas.prune(&pair, &keep).await {
+            tracing::warn!(pair = %pair, error = %e, "pruning old generations failed; retrying next commit");
+        }
+        self.observer
+            .committed(&pair, &generation, &sync.pair_json)
+            .await;
+        Ok(CommitResponse {
+            committed_generation: header.generation,
+            chunks_rejected: sync.chunks_rejected,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for Destination {
+    async fn begin(
+        &self,
+        request: Request<BeginRequest>,
+    ) -> Result<Response<BeginResponse>, Status> {
+        self.begin_sync(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type PushStream = ReceiverStream<Result<ChunkAck, Status>>;
+
+    async fn push(
+        &self,
+        request: Request<Streaming<ChunkMessage>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(message) = inbound.next().await {
+                let reply = match message {
+                    Ok(message) => this.push_chunk(message).await,
+                    // The sender went away mid-stream: the live sync stays, for a resume.
+                    Err(_) => break,
+                };
+                let failed = reply.is_err();
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        self.commit_sync(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn state(
+        &self,
+        request: Request<StateRequest>,
+    ) -> Result<Response<StateResponse>, Status> {
+        let request = request.into_inner();
+        let pair = request
+            .pair
+            .ok_or_else(|| Status::invalid_argument("pair: required"))?;
+        let key = PairKey {
+            namespace: pair.namespace,
+            name: pair.name,
+        };
+        let record = self
+            .journal
+            .load(&key.to_string())
+            .map_err(|e| internal("journal", e))?;
+        let site = self.observer.site_epoch(&key).await.unwrap_or(0);
+        Ok(Response::new(StateResponse {
+            epoch: record.epoch.max(site),
+            generations: record
+                .committed
+                .iter()
+                .map(|g| ferry_schemas::proto::replication::CommittedGeneration {
+                    generation: g.generation,
+                    epoch: g.epoch,
+                    capture_time_unix_seconds: g.capture_time_unix_seconds,
+                    snapshots: g.snapshots.clone().into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,10 @@
+//! The source side of replication: decide when ([`schedule`]) and ship a generation
+//! ([`ship`]).
+
+pub mod schedule;
+pub mod ship;
+
+pub use schedule::RpoSchedule;
+pub use ship::{
+    committed_state, ship, Faults, ShipError, ShipReport, ShipRequest, SourceVolume, VolumeReport,
+};
