@@ -135,6 +135,9 @@ wire_enum! {
         PromotionFailed = "PromotionFailed",
         /// `Failed=True`: the generation's manifests could not be applied at the target.
         InstantiationFailed = "InstantiationFailed",
+        /// `Failed=True`: the target holds no complete generation of the pair yet,
+        /// or the migration was created at a site where the app is not active.
+        TargetNotReady = "TargetNotReady",
         /// `Failed=True`: the target site's replicator did not answer.
         TargetUnreachable = "TargetUnreachable",
         /// `Failed=True`: a failover would lose more than `spec.failover.dataLossAllowance`.

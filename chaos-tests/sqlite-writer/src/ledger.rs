@@ -181,6 +181,23 @@ pub fn tip(conn: &Connection) -> Result<Option<Tip>> {
     }))
 }
 
+/// The chain hash of row `n`, or `None` when the ledger has no such row. Used to prove two
+/// copies of a ledger share a transaction (e.g. the last one before a migration).
+///
+/// # Errors
+/// When the database cannot be read.
+pub fn hash_of(conn: &Connection, n: u64) -> Result<Option<[u8; HASH_LEN]>> {
+    if !has_ledger_table(conn)? {
+        return Ok(None);
+    }
+    let n = i64::try_from(n).context("row number out of range")?;
+    let hash: Option<Vec<u8>> = conn
+        .query_row("SELECT hash FROM ledger WHERE n = ?1", [n], |row| row.get(0))
+        .optional()
+        .with_context(|| format!("reading ledger row {n}"))?;
+    Ok(hash.and_then(|h| h.try_into().ok()))
+}
+
 /// Number of the newest committed row (0 for an empty ledger).
 pub fn last_committed(conn: &Connection) -> Result<u64> {
     Ok(tip(conn)?.map_or(0, |t| t.n))

@@ -335,7 +335,9 @@ async fn worker(ctx: SiteContext, key: PairKey) {
         let requested = pair.annotations().get(SYNC_REQUEST_ANNOTATION).cloned();
         let request_pending = requested.is_some() && requested != status.last_sync_request;
         let due = schedule.next_start(last_capture, now_t);
-        if !request_pending && (now_t < due || now_t < retry_at) {
+        // While a Migration owns the pair, only its requested (final) sync runs.
+        let migrating = status.phase.map(|p| p.as_str()) == Some("Migrating");
+        if !request_pending && (migrating || now_t < due || now_t < retry_at) {
             tokio::time::sleep(TICK).await;
             continue;
         }
@@ -372,7 +374,6 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                     .as_secs_f64();
                 last_lag_written = lag;
                 let mut fields = json!({
-                    "phase": "Replicating",
                     "generation": generation,
                     "lastSyncTime": rfc3339(SystemTime::now()),
                     "lastSyncDurationSeconds": (duration.as_secs_f64() * 1000.0).round() / 1000.0,
@@ -383,6 +384,9 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                 });
                 if request_pending {
                     fields["lastSyncRequest"] = json!(requested);
+                }
+                if !migrating {
+                    fields["phase"] = json!("Replicating");
                 }
                 let _ = ctx.status.patch(&key.namespace, &key.name, fields, &[
                     (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer}: {} bytes in {:.1}s", report.bytes_shipped, duration.as_secs_f64())),
@@ -398,7 +402,7 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                 ctx.status
                     .event(&pair, true, "SyncFailed", "Sync", message.clone())
                     .await;
-                let _ = ctx.status.patch(&key.namespace, &key.name, json!({"phase": if committed.is_some() { "Degraded" } else { "Initializing" }}), &[(T::Synced, S::False, R::SyncFailed, message)]).await;
+                let _ = ctx.status.patch(&key.namespace, &key.name, if migrating { json!({}) } else { json!({"phase": if committed.is_some() { "Degraded" } else { "Initializing" }}) }, &[(T::Synced, S::False, R::SyncFailed, message)]).await;
             }
         }
     }

@@ -1,0 +1,15 @@
+//! Ferry's failover controller (`ferry-controller`): it moves a DR pair's application between
+//! its sites. This crate holds the planned migration ([`migration`]): quiesce the app at the
+//! source ([`quiesce`]), take a final generation through the replicator, advance the epoch at
+//! both sites, and stand the app up at the target from that generation ([`instantiate`]),
+//! reaching the peer site through its `Site` kubeconfig ([`peer`]).
+//!
+//! Data flows one way: the replicator produces committed generations (VolumeSnapshots and a
+//! manifests Secret at the destination, DRPair status at both sites); this controller only
+//! reads them and asks for a sync through the `ferry.dev/sync-request` annotation.
+
+pub mod cli;
+pub mod instantiate;
+pub mod migration;
+pub mod peer;
+pub mod quiesce;

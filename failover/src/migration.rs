@@ -1,0 +1,374 @@
+//! The Migration controller: drives a planned migration of a DR pair from the site where it is
+//! active to its peer, one idempotent phase at a time.
+//!
+//! Pending → Quiescing → FinalSync → Promoting → Instantiating → Completed (or Failed). The
+//! phase is recorded in the Migration's status before the work of that phase starts, and each
+//! phase's work can run again safely, so a controller killed at any point resumes where it
+//! stood. Before Promoting, a failure resumes the app at the source; from Promoting on the
+//! migration only moves forward, because the target's epoch already fences the source.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use serde_json::{json, Value};
+
+use ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION;
+use ferry_schemas::conditions::{
+    ConditionStatus as S, MigrationConditionReason as R, MigrationConditionType as T,
+};
+use ferry_schemas::migration::MigrationPhase as P;
+use ferry_schemas::{DRPair, Migration};
+
+use crate::{instantiate, peer, quiesce};
+
+/// How often a phase that waits on the cluster is re-checked.
+const POLL: Duration = Duration::from_secs(1);
+
+/// Shared state of the controller.
+pub struct Context {
+    /// This site's name.
+    pub site: String,
+    /// This site's API client.
+    pub client: Client,
+}
+
+/// Reconcile failures: transient, retried with back-off.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ReconcileError(String);
+
+impl From<kube::Error> for ReconcileError {
+    fn from(e: kube::Error) -> Self {
+        Self(e.to_string())
+    }
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// Runs the controller for Migrations at this site until the stream ends.
+pub async fn run(ctx: Arc<Context>) {
+    let migrations: Api<Migration> = Api::all(ctx.client.clone());
+    Controller::new(migrations, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "reconcile");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_m: Arc<Migration>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "migration step failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+struct Step<'a> {
+    migration: &'a Migration,
+    api: Api<Migration>,
+    namespace: String,
+}
+
+impl Step<'_> {
+    /// Records `phase` (with its start time) and anything in `extra`.
+    async fn enter(&self, phase: P, extra: Value) -> Result<(), ReconcileError> {
+        let status = self.migration.status.clone().unwrap_or_default();
+        let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
+        if let Some(list) = times.as_array_mut() {
+            list.push(json!({"phase": phase.as_str(), "startTime": now()}));
+        }
+        let mut patch = json!({"phase": phase.as_str(), "phaseTimes": times, "observedGeneration": self.migration.metadata.generation});
+        if let (Some(target), Some(source)) = (patch.as_object_mut(), extra.as_object()) {
+            for (k, v) in source {
+                target.insert(k.clone(), v.clone());
+            }
+        }
+        let progressing = T::Progressing.condition(
+            S::True,
+            R::InProgress,
+            format!("phase {}", phase.as_str()),
+            self.migration.metadata.generation,
+            now(),
+        );
+        patch["conditions"] = json!([progressing]);
+        self.api
+            .patch_status(
+                &self.migration.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": patch})),
+            )
+            .await?;
+        tracing::info!(migration = %self.migration.name_any(), phase = phase.as_str(), "phase");
+        Ok(())
+    }
+
+    /// Ends the migration as Failed with `reason` and `message`.
+    async fn fail(&self, reason: R, message: String) -> Result<Action, ReconcileError> {
+        let status = self.migration.status.clone().unwrap_or_default();
+        let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
+        if let Some(list) = times.as_array_mut() {
+            list.push(json!({"phase": "Failed", "startTime": now()}));
+        }
+        let failed = T::Failed.condition(
+            S::True,
+            reason,
+            message.clone(),
+            self.migration.metadata.generation,
+            now(),
+        );
+        let progressing = T::Progressing.condition(
+            S::False,
+            reason,
+            message.clone(),
+            self.migration.metadata.generation,
+            now(),
+        );
+        self.api
+            .patch_status(
+                &self.migration.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Failed", "phaseTimes": times, "completionTime": now(), "conditions": [failed, progressing]}})),
+            )
+            .await?;
+        tracing::warn!(migration = %self.migration.name_any(), %message, "migration failed");
+        Ok(Action::await_change())
+    }
+
+    fn pairs(&self, client: &Client) -> Api<DRPair> {
+        Api::namespaced(client.clone(), &self.namespace)
+    }
+}
+
+async fn patch_pair_status(
+    api: &Api<DRPair>,
+    name: &str,
+    status: Value,
+) -> Result<(), kube::Error> {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn seconds_since(t: &Time) -> f64 {
+    (Timestamp::now().as_millisecond() - t.0.as_millisecond()) as f64 / 1000.0
+}
+
+/// One reconcile of one Migration.
+async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let namespace = migration.namespace().unwrap_or_default();
+    let step = Step {
+        migration: &migration,
+        api: Api::namespaced(ctx.client.clone(), &namespace),
+        namespace: namespace.clone(),
+    };
+    let status = migration.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or(P::Pending);
+    if phase.is_terminal() {
+        return Ok(Action::await_change());
+    }
+    let pair_name = migration.spec.pair.clone();
+    let local_pairs = step.pairs(&ctx.client);
+    let Some(pair) = local_pairs.get_opt(&pair_name).await? else {
+        return step
+            .fail(
+                R::PairNotFound,
+                format!("spec.pair: DRPair {namespace}/{pair_name} not found"),
+            )
+            .await;
+    };
+    let pair_status = pair.status.clone().unwrap_or_default();
+    let target = migration.spec.target_site.clone();
+    let source = ctx.site.clone();
+    match phase {
+        P::Pending => {
+            let active = pair_status
+                .active_site
+                .clone()
+                .unwrap_or_else(|| pair.spec.primary_site.clone());
+            if active != ctx.site {
+                // Only the controller of the active site drives a migration.
+                if status.phase.is_none() && migration.metadata.creation_timestamp.is_some() {
+                    return step.fail(R::TargetNotReady, format!("the app is active at site {active}, not at {}: create the Migration there", ctx.site)).await;
+                }
+                return Ok(Action::await_change());
+            }
+            let peer_site = if pair.spec.primary_site == ctx.site {
+                &pair.spec.secondary_site
+            } else {
+                &pair.spec.primary_site
+            };
+            if &target != peer_site {
+                return step
+                    .fail(
+                        R::InvalidSpec,
+                        format!(
+                            "spec.targetSite: {target} is not the pair's peer site {peer_site}"
+                        ),
+                    )
+                    .await;
+            }
+            if let Err(errors) = pair.spec.validate(None) {
+                return step
+                    .fail(
+                        R::InvalidSpec,
+                        format!(
+                            "DRPair {pair_name} is invalid: {}",
+                            ferry_schemas::validation::join_errors(&errors)
+                        ),
+                    )
+                    .await;
+            }
+            if pair_status.generation.is_none() {
+                return step.fail(R::TargetNotReady, format!("no complete generation of {pair_name} at site {target} yet: wait for the pair to be Ready")).await;
+            }
+            let remote = match peer::peer_client(&ctx.client, &target).await {
+                Ok(client) => client,
+                Err(e) => return step.fail(R::TargetUnreachable, e.to_string()).await,
+            };
+            match step.pairs(&remote).get_opt(&pair_name).await {
+                Ok(Some(p)) if p.status.as_ref().and_then(|s| s.generation).is_some() => {}
+                Ok(_) => {
+                    return step
+                        .fail(
+                            R::TargetNotReady,
+                            format!("site {target} holds no complete generation of {pair_name}"),
+                        )
+                        .await
+                }
+                Err(e) => {
+                    return step
+                        .fail(R::TargetUnreachable, format!("site {target}: {e}"))
+                        .await
+                }
+            }
+            patch_pair_status(&local_pairs, &pair_name, json!({"phase": "Migrating"})).await?;
+            step.enter(P::Quiescing, json!({"startTime": now()}))
+                .await?;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        P::Quiescing => {
+            quiesce::quiesce(&ctx.client, &namespace, &pair.spec.selector).await?;
+            step.enter(P::FinalSync, json!({})).await?;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        P::FinalSync => {
+            let running =
+                quiesce::running_pods(&ctx.client, &namespace, &pair.spec.selector).await?;
+            if !running.is_empty() {
+                tracing::info!(pods = ?running, "waiting for the app to stop at the source");
+                return Ok(Action::requeue(POLL));
+            }
+            let token = migration.uid().unwrap_or_default();
+            if pair_status.last_sync_request.as_deref() == Some(token.as_str()) {
+                let generation = pair_status.generation.map(|g| g.0).unwrap_or(0);
+                let epoch = pair_status.epoch.map(|e| e.0).unwrap_or(1) + 1;
+                step.enter(
+                    P::Promoting,
+                    json!({"generation": generation, "epoch": epoch}),
+                )
+                .await?;
+                return Ok(Action::requeue(Duration::ZERO));
+            }
+            if pair.annotations().get(SYNC_REQUEST_ANNOTATION) != Some(&token) {
+                local_pairs
+                    .patch(
+                        &pair_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(
+                            json!({"metadata": {"annotations": {SYNC_REQUEST_ANNOTATION: token}}}),
+                        ),
+                    )
+                    .await?;
+            }
+            Ok(Action::requeue(POLL))
+        }
+        P::Promoting => {
+            let epoch = status
+                .epoch
+                .map(|e| e.0)
+                .ok_or_else(|| ReconcileError("status.epoch missing in Promoting".into()))?;
+            let remote = peer::peer_client(&ctx.client, &target)
+                .await
+                .map_err(|e| ReconcileError(e.to_string()))?;
+            // The target first: from here on it refuses the old epoch, which fences the source.
+            patch_pair_status(
+                &step.pairs(&remote),
+                &pair_name,
+                json!({"epoch": epoch, "activeSite": target, "phase": "Migrating"}),
+            )
+            .await?;
+            patch_pair_status(
+                &local_pairs,
+                &pair_name,
+                json!({"epoch": epoch, "activeSite": target}),
+            )
+            .await?;
+            step.enter(P::Instantiating, json!({})).await?;
+            Ok(Action::requeue(Duration::ZERO))
+        }
+        P::Instantiating => {
+            let generation = status
+                .generation
+                .map(|g| g.0)
+                .ok_or_else(|| ReconcileError("status.generation missing".into()))?;
+            let remote = peer::peer_client(&ctx.client, &target)
+                .await
+                .map_err(|e| ReconcileError(e.to_string()))?;
+            let waves = instantiate::plan(&remote, &pair, &namespace, generation)
+                .await
+                .map_err(|e| ReconcileError(e.to_string()))?;
+            instantiate::apply(&remote, &waves)
+                .await
+                .map_err(|e| ReconcileError(e.to_string()))?;
+            let waiting = instantiate::not_ready(&remote, &namespace, &waves).await?;
+            if !waiting.is_empty() {
+                tracing::info!(?waiting, "waiting for the app at the target");
+                return Ok(Action::requeue(POLL));
+            }
+            // Replication now flows from the target back to this site.
+            patch_pair_status(
+                &step.pairs(&remote),
+                &pair_name,
+                json!({"phase": "Replicating"}),
+            )
+            .await?;
+            patch_pair_status(&local_pairs, &pair_name, json!({"phase": "Replicating"})).await?;
+            let rto = status.start_time.as_ref().map(seconds_since).unwrap_or(0.0);
+            let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
+            if let Some(list) = times.as_array_mut() {
+                list.push(json!({"phase": "Completed", "startTime": now()}));
+            }
+            let complete = T::Complete.condition(S::True, R::Succeeded, format!("{pair_name} runs at {target} from generation {generation}; {source} is scaled to zero"), migration.metadata.generation, now());
+            let progressing = T::Progressing.condition(
+                S::False,
+                R::Succeeded,
+                "done",
+                migration.metadata.generation,
+                now(),
+            );
+            step.api
+                .patch_status(
+                    &migration.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"phase": "Completed", "phaseTimes": times, "completionTime": now(), "rtoSeconds": (rto * 1000.0).round() / 1000.0, "dataLossSeconds": 0.0, "conditions": [complete, progressing]}})),
+                )
+                .await?;
+            tracing::info!(migration = %migration.name_any(), rto, "migration completed");
+            Ok(Action::await_change())
+        }
+        P::Completed | P::Failed => Ok(Action::await_change()),
+    }
+}
