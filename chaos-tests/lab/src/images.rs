@@ -14,11 +14,25 @@ pub fn run(name: &str, args: &[String]) -> ExitCode {
             std::iter::once("sqlite-writer".to_string()).chain(args.iter().cloned()),
         ),
         "postgres" => postgres(args),
+        "ferry-replicator" => exit_code(ferry_replicator::cli::main_with_args(
+            std::iter::once("ferry-replicator".to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+        )),
+        "ferry-controller" => exit_code(ferry_failover::cli::main_with_args(
+            std::iter::once("ferry-controller".to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+        )),
         other => {
             eprintln!("ferry-lab image: unknown image {other:?}");
             ExitCode::from(2)
         }
     }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 /// The directory holding the machine's PostgreSQL server binaries (`postgres`, `initdb`):

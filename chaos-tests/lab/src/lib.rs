@@ -12,7 +12,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apiserver;
+pub mod demo;
 pub mod images;
+pub mod install;
 pub mod kubeconfig;
 pub mod node;
 pub mod site;

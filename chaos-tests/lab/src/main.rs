@@ -64,6 +64,18 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The main job: two sites, an app replicated with rpo 30s, a planned migration, a report.
+    Demo {
+        /// Lab directory (default: a fresh one under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the lab running and print how to explore it.
+        #[arg(long)]
+        keep: bool,
+        /// Seconds of steady replication to watch before migrating.
+        #[arg(long, default_value_t = 40)]
+        observe_seconds: u64,
+    },
     /// Run one site in the foreground (what `up` starts in the background).
     Serve {
         /// Lab directory.
@@ -137,6 +149,24 @@ fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Serve { dir, site } => serve(&dir, &site),
+        Cmd::Demo {
+            dir,
+            keep,
+            observe_seconds,
+        } => {
+            let options = ferry_lab::demo::DemoOptions {
+                dir,
+                keep,
+                observe_seconds,
+                exe: None,
+            };
+            let report =
+                tokio::runtime::Runtime::new()?.block_on(ferry_lab::demo::run(&options))?;
+            if !report.ok() {
+                anyhow::bail!("the demo's checks failed (see the report above)");
+            }
+            Ok(())
+        }
         Cmd::Image { .. } => unreachable!("images are dispatched before logging starts"),
     }
 }
@@ -155,9 +185,6 @@ fn run_image(args: Vec<String>) -> ExitCode {
 fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    if !bare {
-        println!("note: Ferry's components are not deployed yet; starting bare sites");
-    }
     for (i, name) in names.iter().enumerate() {
         let r = sites::start_site(&dir, name, i, Duration::from_secs(30))?;
         println!("site {name}: ready at http://{}", r.listen);
@@ -165,6 +192,10 @@ fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
             "  kubectl --kubeconfig {} get ns",
             SiteLayout::in_lab(&dir, name).kubeconfig().display()
         );
+    }
+    if !bare {
+        let runtime = tokio::runtime::Runtime::new()?;
+        runtime.block_on(ferry_lab::install::install(&dir, names))?;
     }
     Ok(())
 }

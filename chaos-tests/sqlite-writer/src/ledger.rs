@@ -192,7 +192,9 @@ pub fn hash_of(conn: &Connection, n: u64) -> Result<Option<[u8; HASH_LEN]>> {
     }
     let n = i64::try_from(n).context("row number out of range")?;
     let hash: Option<Vec<u8>> = conn
-        .query_row("SELECT hash FROM ledger WHERE n = ?1", [n], |row| row.get(0))
+        .query_row("SELECT hash FROM ledger WHERE n = ?1", [n], |row| {
+            row.get(0)
+        })
         .optional()
         .with_context(|| format!("reading ledger row {n}"))?;
     Ok(hash.and_then(|h| h.try_into().ok()))

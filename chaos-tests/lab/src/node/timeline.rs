@@ -109,3 +109,46 @@ pub fn read(path: &Path) -> std::io::Result<Vec<TimelineEntry>> {
         Err(e) => Err(e),
     }
 }
+
+/// Intervals `[start_ms, end_ms)` during which some pod of `app` ran, per the entries of one
+/// site's timeline; an interval still open ends at `u64::MAX`. A `site_killed` entry ends
+/// every open interval.
+pub fn running_intervals(entries: &[TimelineEntry], app: &str) -> Vec<(u64, u64)> {
+    let mut open: std::collections::BTreeMap<(String, String, Option<u32>), u64> =
+        std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    for e in entries {
+        match e.event {
+            TimelineEvent::SiteKilled => {
+                out.extend(
+                    std::mem::take(&mut open)
+                        .into_values()
+                        .map(|s| (s, e.at_ms)),
+                );
+            }
+            _ if e.app.as_deref() != Some(app) => {}
+            TimelineEvent::Start => {
+                open.insert((e.namespace.clone(), e.pod.clone(), e.pid), e.at_ms);
+            }
+            TimelineEvent::Stop => {
+                if let Some(s) = open.remove(&(e.namespace.clone(), e.pod.clone(), e.pid)) {
+                    out.push((s, e.at_ms));
+                }
+            }
+        }
+    }
+    out.extend(open.into_values().map(|s| (s, u64::MAX)));
+    out
+}
+
+/// The first instant (ms) at which `app` ran at both sites, given their timelines, if any:
+/// what must never happen for a DR pair.
+pub fn first_overlap(site_a: &[TimelineEntry], site_b: &[TimelineEntry], app: &str) -> Option<u64> {
+    let a = running_intervals(site_a, app);
+    let b = running_intervals(site_b, app);
+    a.iter()
+        .flat_map(|x| b.iter().map(move |y| (x, y)))
+        .filter(|(x, y)| x.0 < y.1 && y.0 < x.1)
+        .map(|(x, y)| x.0.max(y.0))
+        .min()
+}
