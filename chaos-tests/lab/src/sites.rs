@@ -105,9 +105,15 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// The loopback address of the n-th site (0-based): `127.0.<n+1>.1`.
-pub fn site_ip(index: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, (index + 1) as u8, 1))
+/// The loopback address of the n-th site (0-based) of the lab in `dir`: `127.<L>.<n+1>.1`,
+/// where `L` (1–250) is derived from the lab directory, so that two labs on one machine (e.g.
+/// tests running side by side) rarely share addresses, and hence ports such as the
+/// replicator's.
+pub fn site_ip(dir: &Path, index: usize) -> IpAddr {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let hash = blake3::hash(canonical.to_string_lossy().as_bytes());
+    let lab = 1 + hash.as_bytes()[0] % 250;
+    IpAddr::V4(Ipv4Addr::new(127, lab, (index + 1) as u8, 1))
 }
 
 /// Starts site `name` as a background process (its own process group) and waits until its
@@ -126,7 +132,7 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
         // First start: port 0 lets the site pick a free port, which it records for restarts.
         let r = SiteRecord {
             name: name.into(),
-            listen: SocketAddr::new(site_ip(index), 0),
+            listen: SocketAddr::new(site_ip(dir, index), 0),
         };
         std::fs::write(paths.record(), serde_json::to_vec_pretty(&r)?)?;
     }

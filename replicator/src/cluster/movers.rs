@@ -16,8 +16,10 @@ use crate::mover::{MoverHub, MoverSession};
 
 /// How long a mover pod may take to start and dial in, in seconds.
 pub const MOVER_START_TIMEOUT: Duration = Duration::from_secs(120);
-/// Where a mover sees its volume: the mount path (Filesystem) or device path (Block).
+/// Where a mover sees a Filesystem volume (`volumeMounts.mountPath`).
 pub const MOVER_ROOT: &str = "/data";
+/// Where a mover sees a Block volume (`volumeDevices.devicePath`).
+pub const MOVER_DEVICE: &str = "/dev/ferry-volume";
 /// Label on every mover pod: which pair it serves.
 pub const PAIR_LABEL: &str = "ferry.dev/pair";
 /// Label on every mover pod: `source` or `destination`.
@@ -69,13 +71,13 @@ impl MoverPods {
             "env": [
                 {"name": "FERRY_MOVER_ATTACH", "value": self.attach},
                 {"name": "FERRY_MOVER_TOKEN", "value": token},
-                {"name": "FERRY_MOVER_ROOT", "value": MOVER_ROOT},
+                {"name": "FERRY_MOVER_ROOT", "value": if block { MOVER_DEVICE } else { MOVER_ROOT }},
             ],
             // Applying a file tree sets ownership, which needs root in the pod.
             "securityContext": {"runAsUser": 0},
         });
         if block {
-            container["volumeDevices"] = json!([{"name": "data", "devicePath": MOVER_ROOT}]);
+            container["volumeDevices"] = json!([{"name": "data", "devicePath": MOVER_DEVICE}]);
         } else {
             container["volumeMounts"] =
                 json!([{"name": "data", "mountPath": MOVER_ROOT, "readOnly": read_only}]);

@@ -115,10 +115,8 @@ impl ReplicaStore for KubeReplicas {
         .map_err(|e| ReplicaError::Kube(format!("reading PVC {}/{claim}: {e}", pair.namespace)))?
         .is_some();
         if reset || !exists {
-            // Movers of an abandoned sync may still hold the claim.
-            self.movers
-                .stop(&pair.namespace, &pair.name, "destination")
-                .await?;
+            // Movers of an abandoned sync were released by the caller before staging began;
+            // stopping movers here would also stop this sync's movers of other volumes.
             delete_claim(&self.client, &pair.namespace, &claim).await?;
             let shape = ClaimShape {
                 block: volume.block,

@@ -1,0 +1,389 @@
+//! Issue 3 end to end on two lab sites with Ferry deployed from deploy/: a pair over a
+//! Deployment with a Filesystem PVC and a Block PVC, a ConfigMap, a Secret, a Service and a
+//! custom resource replicates; the destination's generation restores to exactly the source's
+//! bytes; the stored manifests are sanitised and transform as the pair says; invalid DRPairs
+//! are refused naming the field while the replicator keeps serving the valid pair.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_lab::node::storage::bound_volume;
+use ferry_lab::site::client_from;
+use ferry_schemas::DRPair;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::Client;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(60);
+const NS: &str = "web";
+
+fn ferry_lab(args: &[&str], dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(args)
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .expect("ferry-lab runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ferry-lab {args:?} failed: {text}");
+    text
+}
+
+struct Lab(PathBuf);
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+            .arg("down")
+            .arg("--dir")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+async fn eventually<V, F, Fut>(what: &str, mut f: F) -> V
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<V, String>>,
+{
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(s) => s,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last state: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// BLAKE3 over a tree (relative paths, modes, sizes, contents, symlink targets) or an image.
+fn checksum(path: &Path) -> String {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            out.push(entry.path());
+            if entry.file_type().unwrap().is_dir() {
+                walk(&entry.path(), out);
+            }
+        }
+    }
+    let mut hasher = blake3::Hasher::new();
+    if std::fs::metadata(path).unwrap().is_file() {
+        hasher.update(&std::fs::read(path).unwrap());
+        return hasher.finalize().to_hex().to_string();
+    }
+    let mut entries = Vec::new();
+    walk(path, &mut entries);
+    entries.sort();
+    for full in entries {
+        let rel = full
+            .strip_prefix(path)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        if rel.starts_with(".ferry") || rel == "lost+found" {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(&full).unwrap();
+        hasher.update(rel.as_bytes());
+        hasher.update(&m.mode().to_le_bytes());
+        if m.file_type().is_symlink() {
+            hasher.update(
+                std::fs::read_link(&full)
+                    .unwrap()
+                    .to_string_lossy()
+                    .as_bytes(),
+            );
+        } else if m.is_file() {
+            hasher.update(&std::fs::read(&full).unwrap());
+        }
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
+async fn create(client: &Client, object: Value) {
+    let api_version = object["apiVersion"].as_str().unwrap().to_string();
+    let kind = object["kind"].as_str().unwrap().to_string();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    let (resource, caps) =
+        kube::discovery::pinned_kind(client, &GroupVersionKind::gvk(group, version, &kind))
+            .await
+            .unwrap();
+    let api: Api<DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => Api::namespaced_with(client.clone(), NS, &resource),
+        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
+    };
+    let object: DynamicObject = serde_json::from_value(object).unwrap();
+    api.create(&PostParams::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+}
+
+async fn volume_path(client: &Client, claim: &str) -> PathBuf {
+    eventually(&format!("PVC {claim} bound"), || async {
+        bound_volume(client, NS, claim)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|v| v.path)
+            .ok_or_else(|| "not bound".to_string())
+    })
+    .await
+}
+
+async fn pair_generation(pairs: &Api<DRPair>, name: &str) -> Result<u64, String> {
+    let p = pairs.get(name).await.map_err(|e| e.to_string())?;
+    let s = p.status.unwrap_or_default();
+    s.generation
+        .map(|g| g.0)
+        .ok_or_else(|| format!("phase {:?}, conditions {:?}", s.phase, s.conditions))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_replicates_exactly_and_bad_pairs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // FERRY_TEST_LAB_DIR keeps the lab's files (logs, timelines) for a post-mortem.
+    let lab = Lab(std::env::var_os("FERRY_TEST_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path().join("lab")));
+    ferry_lab(&["up", "--sites", "a,b"], &lab.0);
+    let a = client_from(&lab.0.join("a/kubeconfig")).await.unwrap();
+    let b = client_from(&lab.0.join("b/kubeconfig")).await.unwrap();
+
+    // The app at a.
+    create(
+        &a,
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
+    )
+    .await;
+    create(&a, json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.test.dev"}, "spec": {
+        "group": "test.dev", "scope": "Namespaced", "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+        "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}})).await;
+    eventually("the Widget CRD served", || async {
+        kube::discovery::pinned_kind(&a, &GroupVersionKind::gvk("test.dev", "v1", "Widget"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let labels = json!({"app": "web", "site": "a"});
+    create(&a, json!({"apiVersion": "test.dev/v1", "kind": "Widget", "metadata": {"name": "w1", "labels": labels}, "spec": {"size": 3}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "labels": labels}, "data": {"k": "v"}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "unrelated"}, "data": {"k": "v"}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "labels": labels}, "stringData": {"password": "hunter2"}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "labels": labels}, "spec": {"clusterIP": "10.0.0.12", "selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "files"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk"}, "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "resources": {"requests": {"storage": "16Mi"}}}})).await;
+    create(&a, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": labels}, "spec": {
+        "replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+        "template": {"metadata": {"labels": labels}, "spec": {
+            "containers": [{"name": "idle", "image": "busybox", "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "files", "mountPath": "/data"}],
+                "volumeDevices": [{"name": "disk", "devicePath": "/dev/disk0"}]}],
+            "volumes": [{"name": "files", "persistentVolumeClaim": {"claimName": "files"}}, {"name": "disk", "persistentVolumeClaim": {"claimName": "disk"}}]}}}})).await;
+
+    // Data in both volumes, written while nothing else writes (the app idles).
+    let files = volume_path(&a, "files").await;
+    let disk = volume_path(&a, "disk").await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    std::fs::create_dir_all(files.join("db/logs")).unwrap();
+    for i in 0..50 {
+        let mut data = vec![0u8; rng.random_range(1..32 * 1024)];
+        rng.fill(&mut data[..]);
+        std::fs::write(files.join(format!("db/logs/{i}.log")), data).unwrap();
+    }
+    std::os::unix::fs::symlink("db/logs/1.log", files.join("current")).unwrap();
+    let mut image = vec![0u8; 8 << 20];
+    rng.fill(&mut image[..]);
+    let mut file = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::io::Write::write_all(&mut file, &image).unwrap();
+    drop(file);
+    let (files_sum, disk_sum) = (checksum(&files), checksum(&disk));
+
+    // The pair.
+    let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
+    create(&a, json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair", "metadata": {"name": "web"}, "spec": {
+        "selector": {"matchLabels": {"app": "web"}}, "primarySite": "a", "secondarySite": "b", "rpo": "30s",
+        "transform": {"labels": {"set": {"site": "b"}}, "replicas": {"policy": "Fixed", "count": 1}}}})).await;
+    let generation = eventually("the first generation", || pair_generation(&pairs, "web")).await;
+
+    // The destination's generation, restored into fresh PVCs at b, equals the source's bytes.
+    for (claim, mode, sum) in [
+        ("files", "Filesystem", &files_sum),
+        ("disk", "Block", &disk_sum),
+    ] {
+        let name = format!("check-{claim}");
+        create(&b, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "volumeMode": mode, "resources": {"requests": {"storage": if claim == "disk" { "16Mi" } else { "64Mi" }}},
+            "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": format!("ferry-web-{claim}-g{generation}")}}})).await;
+        let restored = volume_path(&b, &name).await;
+        assert_eq!(
+            &checksum(&restored),
+            sum,
+            "volume {claim} of generation {generation} at b equals the source"
+        );
+    }
+
+    // The manifests: exactly the app, sanitised.
+    let secret = Api::<Secret>::namespaced(b.clone(), NS)
+        .get(&format!("ferry-web-g{generation}-manifests"))
+        .await
+        .unwrap();
+    let bundle: Value = serde_json::from_slice(&secret.data.unwrap()["manifests.json"].0).unwrap();
+    let objects = bundle["objects"].as_array().unwrap();
+    let mut kinds: Vec<String> = objects
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap/cfg",
+            "Deployment/web",
+            "PersistentVolumeClaim/disk",
+            "PersistentVolumeClaim/files",
+            "Secret/creds",
+            "Service/web",
+            "Widget/w1"
+        ]
+    );
+    for o in objects {
+        for field in [
+            "uid",
+            "resourceVersion",
+            "managedFields",
+            "creationTimestamp",
+        ] {
+            assert!(
+                o["metadata"].get(field).is_none(),
+                "{field} dropped from {o}"
+            );
+        }
+        assert!(o.get("status").is_none(), "status dropped from {o}");
+    }
+    let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
+    assert!(service["spec"].get("clusterIP").is_none(), "{service}");
+    let pvc = objects
+        .iter()
+        .find(|o| o["kind"] == "PersistentVolumeClaim")
+        .unwrap();
+    assert!(pvc["spec"].get("volumeName").is_none(), "{pvc}");
+    // …and transform as the pair says when instantiated.
+    let pair = pairs.get("web").await.unwrap();
+    let waves = ferry_failover::instantiate::plan(&b, &pair, NS, generation)
+        .await
+        .unwrap();
+    let deployment = waves
+        .iter()
+        .flatten()
+        .find(|o| o["kind"] == "Deployment")
+        .unwrap();
+    assert_eq!(deployment["metadata"]["labels"]["site"], "b");
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["labels"]["site"],
+        "b"
+    );
+    assert_eq!(deployment["spec"]["replicas"], 1);
+    let claim = waves
+        .iter()
+        .flatten()
+        .find(|o| o["kind"] == "PersistentVolumeClaim" && o["metadata"]["name"] == "files")
+        .unwrap();
+    assert_eq!(
+        claim["spec"]["dataSource"]["name"],
+        format!("ferry-web-files-g{generation}")
+    );
+
+    // Bad input: the schema refuses a bad rpo, naming the field…
+    let bad: DRPair = serde_json::from_value(json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair", "metadata": {"name": "bad-rpo"}, "spec": {
+        "selector": {"matchLabels": {"app": "x"}}, "primarySite": "a", "secondarySite": "b", "rpo": "soon"}})).unwrap();
+    match pairs.create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 422);
+            assert!(e.message.contains("spec.rpo"), "{}", e.message);
+        }
+        other => panic!("a bad rpo must be refused: {other:?}"),
+    }
+    // …and the controller marks an unknown site and an empty selector with conditions naming them.
+    for (name, spec, field) in [
+        (
+            "unknown-site",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "primarySite": "a", "secondarySite": "mars", "rpo": "30s"}),
+            "spec.secondarySite",
+        ),
+        (
+            "empty-selector",
+            json!({"selector": {}, "primarySite": "a", "secondarySite": "b", "rpo": "30s"}),
+            "spec.selector",
+        ),
+    ] {
+        let object: DRPair = serde_json::from_value(json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair", "metadata": {"name": name}, "spec": spec})).unwrap();
+        match pairs.create(&PostParams::default(), &object).await {
+            Err(kube::Error::Api(e)) => assert!(e.message.contains(field), "{}", e.message),
+            Err(e) => panic!("{e}"),
+            Ok(_) => {
+                let message = eventually(&format!("{name} marked invalid"), || async {
+                    let p = pairs.get(name).await.map_err(|e| e.to_string())?;
+                    let ready = p
+                        .status
+                        .unwrap_or_default()
+                        .conditions
+                        .into_iter()
+                        .find(|c| c.type_ == "Ready");
+                    match ready {
+                        Some(c) if c.reason == "InvalidSpec" => Ok(c.message),
+                        other => Err(format!("{other:?}")),
+                    }
+                })
+                .await;
+                assert!(message.contains(field), "{message}");
+            }
+        }
+    }
+    // The valid pair keeps replicating: a requested sync commits a newer generation.
+    pairs
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"ferry.dev/sync-request": "after-bad-input"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let next = eventually("a generation after the bad input", || async {
+        let p = pairs.get("web").await.map_err(|e| e.to_string())?;
+        let s = p.status.unwrap_or_default();
+        match (s.last_sync_request.as_deref(), s.generation) {
+            (Some("after-bad-input"), Some(g)) => Ok(g.0),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(next > generation);
+    // The DR site's copy of the pair agrees with the source's.
+    let copy = Api::<DRPair>::namespaced(b.clone(), NS)
+        .get("web")
+        .await
+        .unwrap();
+    assert_eq!(copy.spec, pair.spec);
+}
