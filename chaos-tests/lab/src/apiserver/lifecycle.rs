@@ -23,6 +23,7 @@ use super::ApiState;
 
 const NAMESPACES: &str = "core/namespaces";
 const CRDS: &str = "apiextensions.k8s.io/customresourcedefinitions";
+const PODS: &str = "core/pods";
 
 /// `metav1.DeleteOptions`, the parts the lab honours.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -32,7 +33,8 @@ pub struct DeleteOptions {
     pub propagation_policy: Option<String>,
     /// Conditions the object must meet to be deleted.
     pub preconditions: Option<Preconditions>,
-    /// Accepted and ignored: the lab kubelet applies its own grace period to pods.
+    /// Seconds a pod gets to stop before it is killed; `0` removes it at once. Defaults to the
+    /// pod's `terminationGracePeriodSeconds` (30).
     pub grace_period_seconds: Option<i64>,
 }
 
@@ -237,6 +239,21 @@ pub fn delete(
                     "Operation cannot be fulfilled on {} {name:?}: Precondition failed: UID or ResourceVersion in precondition does not match",
                     info.plural
                 )));
+            }
+        }
+        // Pods end gracefully: a scheduled, running pod is only marked, with its grace period,
+        // and the kubelet removes it (grace 0) once its processes have stopped.
+        if prefix == PODS && old["metadata"].get("deletionTimestamp").is_none() {
+            let grace = options.grace_period_seconds.unwrap_or_else(|| {
+                old["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30)
+            });
+            let scheduled = old["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty());
+            let terminal = matches!(old["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+            if grace > 0 && scheduled && !terminal {
+                let mut next = old.clone();
+                next["metadata"]["deletionTimestamp"] = json!(objects::now_rfc3339());
+                next["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                return Ok((Mutation::Put(next), false));
             }
         }
         let marking = prefix == NAMESPACES || !objects::finalizers(&old).is_empty();

@@ -47,6 +47,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct Running {
     pods: Mutex<HashMap<String, RunningPod>>,
+    /// Pods marked for deletion whose processes are being stopped; removed from the API
+    /// (grace period 0) once stopped, as the kubelet finishes a graceful deletion.
+    terminating: Mutex<std::collections::HashSet<String>>,
 }
 
 struct RunningPod {
@@ -121,7 +124,7 @@ fn watcher(
 async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
     let uid = pod.uid().unwrap_or_default();
     if pod.metadata.deletion_timestamp.is_some() {
-        stop_pod(ctx, &uid);
+        finish_deletion(ctx, pod);
         return;
     }
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
@@ -161,6 +164,53 @@ async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(supervise(ctx.clone(), pod, stopped));
     running.insert(uid, RunningPod { stop, task });
+}
+
+/// A pod marked for deletion: stop its processes (SIGTERM, SIGKILL after the grace period),
+/// then remove it from the API with grace period 0. Until then the pod object stays, so
+/// whoever waits for the pod to be gone knows its processes have ended.
+fn finish_deletion(ctx: &Arc<NodeContext>, pod: Pod) {
+    let uid = pod.uid().unwrap_or_default();
+    if !ctx
+        .running
+        .terminating
+        .lock()
+        .expect("kubelet lock poisoned")
+        .insert(uid.clone())
+    {
+        return;
+    }
+    let running = ctx
+        .running
+        .pods
+        .lock()
+        .expect("kubelet lock poisoned")
+        .remove(&uid);
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        if let Some(r) = running {
+            let _ = r.stop.send(true);
+            let _ = r.task.await;
+        }
+        let api: Api<Pod> =
+            Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+        let params = kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(kube::api::Preconditions {
+                uid: Some(uid.clone()),
+                resource_version: None,
+            }),
+            ..kube::api::DeleteParams::default()
+        };
+        if let Err(e) = api.delete(&pod.name_any(), &params).await {
+            warn!(pod = %pod.name_any(), error = %e, "removing a terminated pod");
+        }
+        ctx.running
+            .terminating
+            .lock()
+            .expect("kubelet lock poisoned")
+            .remove(&uid);
+    });
 }
 
 fn stop_pod(ctx: &NodeContext, uid: &str) {
@@ -648,7 +698,13 @@ async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<Vec<Prepared>, PodError
     }
     let pod_sc = spec.security_context.clone().unwrap_or_default();
     if let (Some(fs_group), true) = (pod_sc.fs_group, is_root()) {
+        let on_root_mismatch = pod_sc.fs_group_change_policy.as_deref() == Some("OnRootMismatch");
         for (path, _) in volumes.values() {
+            // With OnRootMismatch, a volume whose root already has the group and the group
+            // permissions is left alone, as the kubelet does (PostgreSQL needs its 0700 PGDATA).
+            if on_root_mismatch && root_matches_fs_group(path, fs_group) {
+                continue;
+            }
             // fsGroup: the volume's group becomes fsGroup and is group-writable.
             let _ = std::process::Command::new("chgrp")
                 .arg("-R")
@@ -667,6 +723,14 @@ async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<Vec<Prepared>, PodError
         out.push(prepare_container(ctx, pod, &pod_dir, c, &volumes, &pod_sc).await?);
     }
     Ok(out)
+}
+
+/// Whether the volume root at `path` already belongs to group `fs_group` with group rwx.
+fn root_matches_fs_group(path: &std::path::Path, fs_group: i64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| i64::from(m.gid()) == fs_group && m.mode() & 0o070 == 0o070)
+        .unwrap_or(false)
 }
 
 async fn prepare_container(
