@@ -4,9 +4,10 @@
 //! restore priorities) with server-side apply.
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{DynamicObject, GroupVersionKind, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use kube::api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::discovery::{pinned_kind, Scope};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use serde_json::{json, Value};
 
@@ -109,6 +110,39 @@ pub async fn apply(target: &Client, waves: &[Vec<Value>]) -> Result<(), Instanti
     Ok(())
 }
 
+/// A PVC left at the target by an earlier stay of the app there holds stale data and an
+/// immutable spec: it is replaced by one created from this generation's snapshot. A PVC
+/// already created from the same snapshot (a resumed instantiation) is kept.
+async fn replace_stale_claim(client: &Client, object: &Value) -> Result<(), String> {
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let Some(existing) = api.get_opt(name).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let wanted = object["spec"]["dataSource"]["name"].as_str();
+    let has = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.data_source.as_ref())
+        .map(|d| d.name.as_str());
+    if has == wanted {
+        return Ok(());
+    }
+    let uid = existing.metadata.uid.clone().unwrap_or_default();
+    api.delete(name, &DeleteParams::default())
+        .await
+        .map_err(|e| format!("deleting the stale PVC: {e}"))?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        await_condition(api, name, conditions::is_deleted(&uid)),
+    )
+    .await
+    .map_err(|_| "the stale PVC was not deleted within 120s".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 async fn apply_one(client: &Client, object: &Value) -> Result<(), InstantiateError> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
@@ -130,6 +164,9 @@ async fn apply_one(client: &Client, object: &Value) -> Result<(), InstantiateErr
         Some((g, v)) => (g, v),
         None => ("", api_version),
     };
+    if kind == "PersistentVolumeClaim" {
+        replace_stale_claim(client, object).await.map_err(&fail)?;
+    }
     let gvk = GroupVersionKind::gvk(group, version, &kind);
     let (resource, capabilities) = pinned_kind(client, &gvk)
         .await
