@@ -24,7 +24,7 @@ pub const MANAGER: &str = "ferry-lab";
 /// Ferry's namespace.
 pub const NAMESPACE: &str = "ferry-system";
 /// The replicator's port for peers.
-pub const REPLICATION_PORT: u16 = 7443;
+pub const REPLICATION_PORT: u16 = crate::links::REPLICATION_PORT;
 /// How long the components may take to become ready.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -180,7 +180,19 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
         apply(&client, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ferry-site", "namespace": NAMESPACE}, "data": {"site": site}})).await?;
         apply(&client, &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {"name": "ferry-replicator-tls", "namespace": NAMESPACE}, "stringData": material.to_secret_data()})).await?;
         for (peer, ip) in &addresses {
-            let kubeconfig = std::fs::read_to_string(SiteLayout::in_lab(dir, peer).kubeconfig())?;
+            let mut kubeconfig =
+                std::fs::read_to_string(SiteLayout::in_lab(dir, peer).kubeconfig())?;
+            // A peer is reached through the links into it for this site (partitionable).
+            let mut replication_port = REPLICATION_PORT;
+            if peer != site {
+                let ports = wait_link(dir, site, peer).await?;
+                let api = SiteLayout::in_lab(dir, peer).read_record()?.listen;
+                kubeconfig = kubeconfig.replace(
+                    &api.to_string(),
+                    &std::net::SocketAddr::new(*ip, ports.api).to_string(),
+                );
+                replication_port = ports.replication;
+            }
             let secret = format!("ferry-site-{peer}-kubeconfig");
             apply(&client, &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": NAMESPACE}, "stringData": {"kubeconfig": kubeconfig}})).await?;
             apply(
@@ -188,7 +200,7 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
                 &json!({
                     "apiVersion": "ferry.dev/v1alpha1", "kind": "Site", "metadata": {"name": peer},
                     "spec": {
-                        "replicatorEndpoint": format!("{ip}:{REPLICATION_PORT}"),
+                        "replicatorEndpoint": format!("{ip}:{replication_port}"),
                         "tlsSecretRef": {"name": "ferry-replicator-tls", "namespace": NAMESPACE},
                         "kubeconfigSecretRef": {"name": secret, "namespace": NAMESPACE},
                     },
@@ -213,6 +225,20 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The links from `from` into `to`, once `to`'s process has opened them.
+async fn wait_link(dir: &Path, from: &str, to: &str) -> Result<crate::links::LinkPorts> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(ports) = crate::links::read_links(dir, to).get(from) {
+            return Ok(*ports);
+        }
+        if Instant::now() > deadline {
+            bail!("site {to} opened no link for site {from} within 15s");
+        }
+        tokio::time::sleep(crate::links::POLL).await;
+    }
 }
 
 async fn wait_ready(client: &Client, name: &str) -> Result<()> {

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod images;
 pub mod install;
 pub mod kubeconfig;
+pub mod links;
 pub mod node;
 pub mod site;
 pub mod sites;

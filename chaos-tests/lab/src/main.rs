@@ -48,7 +48,7 @@ enum Cmd {
     /// Fault injection and control of one site.
     Site {
         /// What to do.
-        #[arg(value_parser = ["kill", "start"])]
+        #[arg(value_parser = ["kill", "start", "partition", "heal"])]
         action: String,
         /// Site name.
         name: String,
@@ -136,6 +136,27 @@ fn run(cli: Cli) -> Result<()> {
                 )?;
                 sites::wait_gone(pid, Duration::from_secs(10))?;
                 println!("site {name}: killed (pid {pid} and its process group)");
+                Ok(())
+            }
+            "partition" | "heal" => {
+                let cut = action == "partition";
+                if !sites::list_sites(&dir).contains(&name) {
+                    anyhow::bail!("no site {name} in {}", dir.display());
+                }
+                ferry_lab::links::set_partitioned(&dir, &name, cut)?;
+                let others: Vec<String> = sites::list_sites(&dir)
+                    .into_iter()
+                    .filter(|s| *s != name)
+                    .collect();
+                if cut {
+                    println!(
+                        "site {name}: partitioned from {} (links cut within {:?})",
+                        others.join(", "),
+                        ferry_lab::links::POLL
+                    );
+                } else {
+                    println!("site {name}: healed; links to {} open", others.join(", "));
+                }
                 Ok(())
             }
             _ => {
@@ -241,11 +262,19 @@ fn serve(dir: &Path, site: &str) -> Result<()> {
             record.listen = running.server.addr();
             std::fs::write(paths.record(), serde_json::to_vec_pretty(&record)?)?;
         }
+        // Links from the other sites into this one (see links.rs).
+        let links = tokio::spawn(ferry_lab::links::run(
+            dir.to_path_buf(),
+            site.to_string(),
+            record.listen.ip(),
+            record.listen,
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        links.abort();
         running.shutdown().await;
         Ok(())
     })
