@@ -166,6 +166,45 @@ fn seconds_since(t: &Time) -> f64 {
     (Timestamp::now().as_millisecond() - t.0.as_millisecond()) as f64 / 1000.0
 }
 
+/// Snapshots the app's PVCs at this (old source) site as the seed of `generation`: replica
+/// snapshots labelled `ferry.dev/seed=true`, which this site's replicator adopts as its newest
+/// committed generation when the first sync back arrives.
+async fn seed(
+    client: &Client,
+    pair: &DRPair,
+    namespace: &str,
+    generation: u64,
+) -> Result<(), ReconcileError> {
+    use ferry_replicator::cluster::movers::PAIR_LABEL;
+    use ferry_replicator::cluster::replicas::{
+        generation_snapshot, GENERATION_LABEL, ROLE_LABEL, SEED_LABEL, VOLUME_LABEL,
+    };
+    let pair_name = pair.name_any();
+    let app = ferry_replicator::manifests::capture(client, namespace, &pair.spec.selector)
+        .await
+        .map_err(|e| ReconcileError(format!("listing the app's PVCs: {e}")))?;
+    let claims: Vec<String> = match &pair.spec.volumes {
+        Some(named) => named.clone(),
+        None => app.pvcs,
+    };
+    for claim in claims {
+        let labels = std::collections::BTreeMap::from([
+            (PAIR_LABEL.to_string(), pair_name.clone()),
+            (ROLE_LABEL.to_string(), "replica".to_string()),
+            (GENERATION_LABEL.to_string(), generation.to_string()),
+            (VOLUME_LABEL.to_string(), claim.clone()),
+            (SEED_LABEL.to_string(), "true".to_string()),
+        ]);
+        let name = generation_snapshot(&pair_name, &claim, generation);
+        ferry_replicator::cluster::volumes::snapshot_claim(
+            client, namespace, &name, &claim, &labels,
+        )
+        .await
+        .map_err(|e| ReconcileError(format!("seeding {claim}: {e}")))?;
+    }
+    Ok(())
+}
+
 /// One reconcile of one Migration.
 async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let namespace = migration.namespace().unwrap_or_default();
@@ -300,6 +339,13 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
                 .epoch
                 .map(|e| e.0)
                 .ok_or_else(|| ReconcileError("status.epoch missing in Promoting".into()))?;
+            let generation = status
+                .generation
+                .map(|g| g.0)
+                .ok_or_else(|| ReconcileError("status.generation missing in Promoting".into()))?;
+            // The app's volumes here hold exactly the final generation: keep them as its seed,
+            // so replication back from the target starts with a delta, not a full copy.
+            seed(&ctx.client, &pair, &namespace, generation).await?;
             let remote = peer::peer_client(&ctx.client, &target)
                 .await
                 .map_err(|e| ReconcileError(e.to_string()))?;

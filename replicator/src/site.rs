@@ -90,7 +90,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
         }),
         args.retain,
-    );
+    )
+    .with_hashes(hashes.clone());
     let bind = |port| SocketAddr::new(args.bind_ip, port);
     let replication = tokio::net::TcpListener::bind(bind(args.port))
         .await

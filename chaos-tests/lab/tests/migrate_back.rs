@@ -1,7 +1,8 @@
 //! Migrating back: after a planned migration a → b, replication flows b → a, and a second
 //! planned migration brings the app back to a with zero data loss (b's last transaction is at
 //! a), replacing a's stale PVC with one from the final generation. The sites' timelines never
-//! overlap. Prints the bytes the reverse syncs shipped.
+//! overlap. The first sync back ships only what changed at b: the old source's volumes were kept
+//! as the seed of the promoted generation.
 
 mod e2e;
 
@@ -15,6 +16,8 @@ use kube::Client;
 use serde_json::json;
 
 use e2e::{eventually, setup, Lab, NS};
+
+const BALLAST_BYTES: u64 = 8 << 20;
 
 async fn migrate(client: &Client, name: &str, target: &str) {
     let migrations: Api<Migration> = Api::namespaced(client.clone(), NS);
@@ -56,6 +59,14 @@ async fn an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction() {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
     let (a, b) = setup(&lab.0).await;
+    // 8 MiB the app never changes: a full copy back would ship it again, a delta does not.
+    let volume = bound_volume(&a, NS, "ledger-data")
+        .await
+        .unwrap()
+        .expect("bound");
+    let mut ballast = vec![0u8; BALLAST_BYTES as usize];
+    rand::Rng::fill(&mut rand::rng(), &mut ballast[..]);
+    std::fs::write(volume.path.join("ballast.bin"), &ballast).unwrap();
     migrate(&a, "to-b", "b").await;
     let at_b: Api<DRPair> = Api::namespaced(b.clone(), NS);
     let promoted = at_b
@@ -81,7 +92,11 @@ async fn an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction() {
         }
     })
     .await;
-    println!("first sync b → a shipped {reverse} bytes");
+    println!("first sync b → a shipped {reverse} bytes (the volume holds {BALLAST_BYTES} bytes of ballast)");
+    assert!(
+        reverse < BALLAST_BYTES / 8,
+        "only blocks changed at b travel back: {reverse} bytes"
+    );
 
     migrate(&b, "to-a", "a").await;
     let last_at_b = tip(&b).await;

@@ -28,6 +28,9 @@ pub const GENERATION_LABEL: &str = "ferry.dev/generation";
 pub const VOLUME_LABEL: &str = "ferry.dev/volume";
 /// Label: `replica` on every object the destination keeps.
 pub const ROLE_LABEL: &str = "ferry.dev/role";
+/// Label: `true` on snapshots a promotion took of the old source's own PVCs (see
+/// [`ReplicaStore::seed`]).
+pub const SEED_LABEL: &str = "ferry.dev/seed";
 /// Key of the manifests in a generation's Secret.
 pub const MANIFESTS_KEY: &str = "manifests.json";
 
@@ -207,6 +210,29 @@ impl ReplicaStore for KubeReplicas {
                     pair.namespace
                 ))
             })
+    }
+
+    async fn seed(
+        &self,
+        pair: &PairKey,
+    ) -> Result<Option<(u64, BTreeMap<String, String>)>, ReplicaError> {
+        let selector = format!(
+            "{PAIR_LABEL}={},{ROLE_LABEL}=replica,{SEED_LABEL}=true",
+            pair.name
+        );
+        let mut by_generation: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
+        for (name, labels) in list_snapshots(&self.client, &pair.namespace, &selector).await? {
+            let generation = labels
+                .get(GENERATION_LABEL)
+                .and_then(|g| g.parse::<u64>().ok());
+            if let (Some(g), Some(volume)) = (generation, labels.get(VOLUME_LABEL)) {
+                by_generation
+                    .entry(g)
+                    .or_default()
+                    .insert(volume.clone(), name);
+            }
+        }
+        Ok(by_generation.pop_last())
     }
 
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError> {

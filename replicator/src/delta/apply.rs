@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::chunk::{Codec, CorruptChunk, DeltaChunk, Extent, Record, StreamEnd, MAX_EXTENT_BYTES};
 use super::diff::{FileRef, Op, StreamId};
-use super::index::{EntryKind, Meta, VolumeDigest, VolumeKind};
+use super::index::{BlockIndex, EntryKind, Meta, VolumeDigest, VolumeKind};
 use super::relpath::{RelPath, STASH_DIR_NAME};
 use super::scan::{scan, ScanError, ScanOptions, VolumeSnapshot};
 
@@ -44,12 +44,15 @@ impl Default for FinishOptions {
 }
 
 /// What [`Applier::finish`] reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct ApplyReport {
     /// Chunks applied, re-applied ones included.
     pub chunks_applied: u64,
     /// The target's digest when verification ran (then equal to the stream's).
     pub verified_digest: Option<VolumeDigest>,
+    /// The target's block index when verification ran: the index of the new generation, which
+    /// a site that later ships this volume back can diff against.
+    pub verified_index: Option<BlockIndex>,
 }
 
 /// Failures while applying; each names the step and the object.
@@ -522,7 +525,7 @@ impl Applier {
         if options.sync {
             self.sync()?;
         }
-        let verified_digest = if options.verify {
+        let verified_index = if options.verify {
             let snapshot = match self.kind {
                 VolumeKind::BlockImage => VolumeSnapshot::Image(self.target.clone()),
                 VolumeKind::FileTree => VolumeSnapshot::Tree(self.target.clone()),
@@ -540,13 +543,14 @@ impl Applier {
                     actual,
                 });
             }
-            Some(actual)
+            Some(scanned.index)
         } else {
             None
         };
         Ok(ApplyReport {
             chunks_applied: self.chunks_applied,
-            verified_digest,
+            verified_digest: verified_index.as_ref().map(|i| i.digest()),
+            verified_index,
         })
     }
 

@@ -94,6 +94,17 @@ pub trait ReplicaStore: Send + Sync + 'static {
 
     /// Deletes copies and manifests of every generation of `pair` not in `keep`.
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError>;
+
+    /// The newest **seed** of `pair`, if any: copies of a generation this site did not
+    /// receive but holds anyway, because the app ran here until that generation was taken
+    /// (a migration's old source, seeded by the controller at promotion). Returns the
+    /// generation and volume → copy name. Adopting a seed lets the first sync back be a delta.
+    async fn seed(
+        &self,
+        _pair: &PairKey,
+    ) -> Result<Option<(u64, BTreeMap<String, String>)>, ReplicaError> {
+        Ok(None)
+    }
 }
 
 /// Replicas in a directory: `<root>/<namespace>/<pair>/staging/<volume>` and

@@ -86,6 +86,7 @@ pub struct Destination {
     observer: Arc<dyn DestinationObserver>,
     retain: usize,
     live: Arc<Mutex<HashMap<PairKey, LiveSync>>>,
+    hashes: Option<crate::delta::HashStore>,
 }
 
 impl std::fmt::Debug for Destination {
@@ -136,7 +137,46 @@ impl Destination {
             observer,
             retain: retain.max(1),
             live: Arc::default(),
+            hashes: None,
         }
+    }
+
+    /// Also keeps, per volume, the block index of each committed generation in `hashes` (the
+    /// site's source-side store), so that when the app later runs here and ships back, its
+    /// first sync is a delta against the generation both sites hold.
+    pub fn with_hashes(mut self, hashes: crate::delta::HashStore) -> Self {
+        self.hashes = Some(hashes);
+        self
+    }
+
+    /// Adopts the pair's seed (see [`ReplicaStore::seed`]) when it is newer than anything
+    /// committed: it becomes the newest committed generation.
+    async fn adopt_seed(&self, pair: &PairKey, record: &mut PairRecord) -> Result<(), Status> {
+        let Some((generation, snapshots)) = self
+            .replicas
+            .seed(pair)
+            .await
+            .map_err(|e| internal("looking for a seed", e))?
+        else {
+            return Ok(());
+        };
+        if record.newest().is_some_and(|g| g.generation >= generation) {
+            return Ok(());
+        }
+        tracing::info!(pair = %pair, generation, "adopting the seed left by a promotion");
+        record.committed.insert(
+            0,
+            CommittedGeneration {
+                generation,
+                epoch: record.epoch,
+                capture_time_unix_seconds: 0.0,
+                snapshots,
+            },
+        );
+        record.committed.truncate(self.retain);
+        self.journal
+            .store(&pair.to_string(), record)
+            .map_err(|e| internal("journal", e))
     }
 
     /// The journal record of `pair` (for status and tests).
@@ -186,6 +226,7 @@ impl Destination {
             .load(&key)
             .map_err(|e| internal("journal", e))?;
         self.check_epoch(&pair, &record, header.epoch).await?;
+        self.adopt_seed(&pair, &mut record).await?;
         let committed = record.newest().map(|g| g.generation);
         if committed.is_some_and(|c| header.generation <= c) {
             return Err(Status::failed_precondition(format!(
@@ -392,6 +433,7 @@ impl Destination {
             .iter()
             .map(|v| (v.volume.as_str(), v.digest.as_slice()))
             .collect();
+        let mut indexes = BTreeMap::new();
         for (name, volume) in sync.volumes.iter_mut() {
             let digest: [u8; 32] = digests
                 .get(name.as_str())
@@ -399,12 +441,18 @@ impl Destination {
                 .ok_or_else(|| {
                     Status::invalid_argument(format!("volumes: no 32-byte digest for {name}"))
                 })?;
-            if let Err(e) = volume.session.finish(VolumeDigest(digest)).await {
-                let status = Status::data_loss(format!(
-                    "volume {name} of pair {pair} did not verify: {e}; generation {} discarded",
-                    header.generation
-                ));
-                return Err(self.reject(&pair, "CommitFailed", status).await);
+            match volume.session.finish(VolumeDigest(digest)).await {
+                Ok(Some(index)) => {
+                    indexes.insert(name.clone(), index);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let status = Status::data_loss(format!(
+                        "volume {name} of pair {pair} did not verify: {e}; generation {} discarded",
+                        header.generation
+                    ));
+                    return Err(self.reject(&pair, "CommitFailed", status).await);
+                }
             }
         }
         let specs: Vec<VolumeSpec> = sync.volumes.values().map(|v| v.spec.clone()).collect();
@@ -439,6 +487,14 @@ impl Destination {
             .store(&key, &record)
             .map_err(|e| internal("journal", e))?;
         tracing::info!(pair = %pair, generation = header.generation, "generation committed");
+        if let Some(hashes) = &self.hashes {
+            for (volume, index) in &indexes {
+                let key = crate::delta::VolumeKey::new(pair.to_string(), volume.clone());
+                if let Err(e) = hashes.save(&key, index) {
+                    tracing::warn!(pair = %pair, volume, error = %e, "keeping the generation's index");
+                }
+            }
+        }
         let keep: Vec<u64> = record.committed.iter().map(|g| g.generation).collect();
         if let Err(e) = self.replicas.prune(&pair, &keep).await {
             tracing::warn!(pair = %pair, error = %e, "pruning old generations failed; retrying next commit");
@@ -510,10 +566,11 @@ impl Replication for Destination {
             namespace: pair.namespace,
             name: pair.name,
         };
-        let record = self
+        let mut record = self
             .journal
             .load(&key.to_string())
             .map_err(|e| internal("journal", e))?;
+        self.adopt_seed(&key, &mut record).await?;
         let site = self.observer.site_epoch(&key).await.unwrap_or(0);
         Ok(Response::new(StateResponse {
             epoch: record.epoch.max(site),

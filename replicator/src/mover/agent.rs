@@ -185,7 +185,15 @@ fn finish_volume(
         .finish(FinishOptions::default())
         .map_err(|e| failure(format!("finishing: {}", error_chain(&e))))?;
     match report.verified_digest {
-        Some(VolumeDigest(got)) if got == expected => send(events, Event::Finished(got.to_vec())),
+        Some(VolumeDigest(got)) if got == expected => {
+            // The verified index first: the replicator keeps it as this generation's index.
+            if let Some(index) = &report.verified_index {
+                let bytes = postcard::to_stdvec(index)
+                    .map_err(|e| failure(format!("encoding the index: {e}")))?;
+                send(events, Event::Index(bytes))?;
+            }
+            send(events, Event::Finished(got.to_vec()))
+        }
         Some(got) => Err(failure(format!(
             "volume digest {got} differs from the source's {}",
             VolumeDigest(expected)

@@ -182,14 +182,22 @@ impl MoverSession {
     ///
     /// # Errors
     /// [`SessionError::Mover`] naming the mismatch or the incomplete stream.
-    pub async fn finish(&mut self, digest: VolumeDigest) -> Result<(), SessionError> {
+    /// Returns the verified volume's block index (the generation's index).
+    pub async fn finish(
+        &mut self,
+        digest: VolumeDigest,
+    ) -> Result<Option<BlockIndex>, SessionError> {
         self.send(Command::Finish(FinishCommand {
             digest: digest.0.to_vec(),
         }))
         .await?;
-        match self.next().await? {
-            Event::Finished(_) => Ok(()),
-            other => Err(SessionError::Unexpected(event_name(&other))),
+        let mut index = None;
+        loop {
+            match self.next().await? {
+                Event::Index(bytes) => index = Some(postcard::from_bytes(&bytes)?),
+                Event::Finished(_) => return Ok(index),
+                other => return Err(SessionError::Unexpected(event_name(&other))),
+            }
         }
     }
 }
