@@ -5,8 +5,7 @@
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
-use kube::api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::discovery::{pinned_kind, Scope};
+use kube::api::DeleteParams;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use serde_json::{json, Value};
@@ -144,7 +143,6 @@ async fn replace_stale_claim(client: &Client, object: &Value) -> Result<(), Stri
 }
 
 async fn apply_one(client: &Client, object: &Value) -> Result<(), InstantiateError> {
-    let api_version = object["apiVersion"].as_str().unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default().to_string();
     let namespace = object["metadata"]["namespace"]
         .as_str()
@@ -160,30 +158,12 @@ async fn apply_one(client: &Client, object: &Value) -> Result<(), InstantiateErr
         name: name.clone(),
         message,
     };
-    let (group, version) = match api_version.split_once('/') {
-        Some((g, v)) => (g, v),
-        None => ("", api_version),
-    };
     if kind == "PersistentVolumeClaim" {
         replace_stale_claim(client, object).await.map_err(&fail)?;
     }
-    let gvk = GroupVersionKind::gvk(group, version, &kind);
-    let (resource, capabilities) = pinned_kind(client, &gvk)
+    ferry_replicator::manifests::apply_object(client, object, MANAGER)
         .await
-        .map_err(|e| fail(format!("discovering {api_version} {kind}: {e}")))?;
-    let api: Api<DynamicObject> = if capabilities.scope == Scope::Namespaced {
-        Api::namespaced_with(client.clone(), &namespace, &resource)
-    } else {
-        Api::all_with(client.clone(), &resource)
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .map(|_| ())
-    .map_err(|e| fail(e.to_string()))
+        .map_err(|e| fail(e.message))
 }
 
 /// Workloads among `waves` that are not ready yet at `target`: `kind/name (ready/wanted)`.

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::discovery::{pinned_kind, Scope};
 use kube::{Api, Client};
 use serde_json::{json, Value};
 
@@ -83,26 +81,7 @@ pub fn deploy_objects() -> Result<Vec<Value>> {
 /// # Errors
 /// When the kind is not served or the apply is refused.
 pub async fn apply(client: &Client, object: &Value) -> Result<()> {
-    let api_version = object["apiVersion"].as_str().unwrap_or_default();
-    let kind = object["kind"].as_str().unwrap_or_default();
-    let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let (resource, caps) = pinned_kind(client, &GroupVersionKind::gvk(group, version, kind))
-        .await
-        .with_context(|| format!("discovering {api_version} {kind}"))?;
-    let api: Api<DynamicObject> = match (caps.scope, object["metadata"]["namespace"].as_str()) {
-        (Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
-        (Scope::Namespaced, None) => Api::default_namespaced_with(client.clone(), &resource),
-        (Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
-    };
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(object),
-    )
-    .await
-    .with_context(|| format!("applying {kind} {name}"))?;
-    Ok(())
+    Ok(ferry_replicator::manifests::apply_object(client, object, MANAGER).await?)
 }
 
 /// TLS material of every site, from `DIR/<site>/tls/`, generated (one CA for all) when any is

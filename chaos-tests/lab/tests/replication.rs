@@ -14,7 +14,7 @@ use ferry_lab::site::client_from;
 use ferry_schemas::DRPair;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::GroupVersionKind;
+use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -168,16 +168,19 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused() {
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}),
     )
     .await;
-    create(&a, json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.test.dev"}, "spec": {
-        "group": "test.dev", "scope": "Namespaced", "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-        "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}})).await;
-    eventually("the Widget CRD served", || async {
-        kube::discovery::pinned_kind(&a, &GroupVersionKind::gvk("test.dev", "v1", "Widget"))
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
+    // The app's CRD is installed at both sites, as its operator would be.
+    for site in [&a, &b] {
+        create(site, json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.test.dev"}, "spec": {
+            "group": "test.dev", "scope": "Namespaced", "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}})).await;
+        eventually("the Widget CRD served", || async {
+            kube::discovery::pinned_kind(site, &GroupVersionKind::gvk("test.dev", "v1", "Widget"))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+    }
     let labels = json!({"app": "web", "site": "a"});
     create(&a, json!({"apiVersion": "test.dev/v1", "kind": "Widget", "metadata": {"name": "w1", "labels": labels}, "spec": {"size": 3}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "labels": labels}, "data": {"k": "v"}})).await;
@@ -386,4 +389,90 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused() {
         .await
         .unwrap();
     assert_eq!(copy.spec, pair.spec);
+
+    // A sender on a stale epoch (a fenced old primary) is refused by b's replicator with a
+    // clear error, and b records an Event on its DRPair.
+    let tls = ferry_replicator::tls::TlsMaterial::from_dir(lab.0.join("a/tls")).unwrap();
+    let b_ip = ferry_lab::sites::SiteLayout::in_lab(&lab.0, "b")
+        .read_record()
+        .unwrap()
+        .listen
+        .ip();
+    let mut peer =
+        ferry_replicator::transport::connect_peer(&format!("{b_ip}:7443"), &tls).unwrap();
+    let header = ferry_schemas::proto::SyncHeader::new(NS, "web", next + 1, 0, "a");
+    let refused = peer
+        .begin(ferry_schemas::proto::replication::BeginRequest {
+            header: Some(header),
+            volumes: vec![],
+            pair_json: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("stale epoch 0"),
+        "{}",
+        refused.message()
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(b.clone(), NS);
+    let note = eventually("a StaleEpoch Event at b", || async {
+        let list = events
+            .list(&Default::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        list.items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("StaleEpoch")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+            })
+            .and_then(|e| e.note)
+            .ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    assert!(note.contains("stale epoch 0"), "{note}");
+
+    // standby: Applied parks the app at b: objects applied, workloads at zero replicas with
+    // the count to restore in an annotation.
+    pairs
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({
+                "metadata": {"annotations": {"ferry.dev/sync-request": "standby"}},
+                "spec": {"standby": "Applied"},
+            })),
+        )
+        .await
+        .unwrap();
+    let parked = eventually("the app parked at b", || async {
+        let d = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(b.clone(), NS)
+            .get_opt("web")
+            .await
+            .map_err(|e| e.to_string())?;
+        d.ok_or_else(|| "no Deployment yet".to_string())
+    })
+    .await;
+    assert_eq!(parked.spec.as_ref().unwrap().replicas, Some(0));
+    assert_eq!(
+        parked.metadata.annotations.as_ref().unwrap()["ferry.dev/original-replicas"],
+        "1"
+    );
+    assert_eq!(parked.metadata.labels.as_ref().unwrap()["site"], "b");
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(b.clone(), NS)
+            .get_opt("web")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let widget = ApiResource::from_gvk(&GroupVersionKind::gvk("test.dev", "v1", "Widget"));
+    assert!(
+        Api::<DynamicObject>::namespaced_with(b.clone(), NS, &widget)
+            .get_opt("w1")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

@@ -470,6 +470,72 @@ pub struct SiteObserver {
     pub metrics: Arc<Metrics>,
 }
 
+impl SiteObserver {
+    /// `spec.standby: Applied`: the generation's manifests, transformed for this site and
+    /// parked (workloads at zero replicas with the count kept in an annotation, CronJobs
+    /// suspended), are applied here, so a failover only has to scale up. PVCs are left out:
+    /// a migration or failover creates them from the chosen generation's snapshots.
+    async fn apply_standby(
+        &self,
+        pair: &PairKey,
+        generation: u64,
+        pair_json: &[u8],
+        manifests_json: &[u8],
+    ) {
+        let Ok(declared) = serde_json::from_slice::<serde_json::Value>(pair_json) else {
+            return;
+        };
+        let Ok(spec) =
+            serde_json::from_value::<ferry_schemas::DRPairSpec>(declared["spec"].clone())
+        else {
+            return;
+        };
+        if spec.standby != ferry_schemas::drpair::StandbyMode::Applied {
+            return;
+        }
+        let result = async {
+            let bundle = crate::manifests::ManifestBundle::from_json_bytes(manifests_json)
+                .map_err(|e| e.to_string())?;
+            let objects = crate::manifests::transform(bundle.objects, &spec.transform)
+                .map_err(|e| e.to_string())?;
+            let mut objects = crate::manifests::standby(objects);
+            objects.retain(|o| o["kind"] != "PersistentVolumeClaim");
+            for object in &mut objects {
+                object["metadata"]["namespace"] = json!(pair.namespace);
+            }
+            for object in crate::manifests::instantiation_order(objects)
+                .iter()
+                .flatten()
+            {
+                crate::manifests::apply_object(
+                    self.status.client(),
+                    object,
+                    super::status::MANAGER,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(message) = result {
+            tracing::warn!(pair = %pair, generation, %message, "applying the standby manifests");
+            let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
+            if let Ok(Some(object)) = api.get_opt(&pair.name).await {
+                self.status
+                    .event(
+                        &object,
+                        true,
+                        "StandbyApplyFailed",
+                        "Receive",
+                        format!("generation {generation}: {message}"),
+                    )
+                    .await;
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl DestinationObserver for SiteObserver {
     async fn site_epoch(&self, pair: &PairKey) -> Option<u64> {
@@ -502,7 +568,13 @@ impl DestinationObserver for SiteObserver {
         }
     }
 
-    async fn committed(&self, pair: &PairKey, generation: &CommittedGeneration, pair_json: &[u8]) {
+    async fn committed(
+        &self,
+        pair: &PairKey,
+        generation: &CommittedGeneration,
+        pair_json: &[u8],
+        manifests_json: &[u8],
+    ) {
         let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
         // Keep this site's copy of the DRPair in agreement with the source's.
         if let Ok(declared) = serde_json::from_slice::<serde_json::Value>(pair_json) {
@@ -521,6 +593,8 @@ impl DestinationObserver for SiteObserver {
                 return;
             }
         }
+        self.apply_standby(pair, generation.generation, pair_json, manifests_json)
+            .await;
         let capture = from_unix(generation.capture_time_unix_seconds);
         let lag = SystemTime::now()
             .duration_since(capture)

@@ -48,12 +48,14 @@ pub trait DestinationObserver: Send + Sync + 'static {
     }
     /// A sync was refused or failed.
     async fn rejected(&self, _pair: &PairKey, _rejection: &Rejection) {}
-    /// A generation committed; `pair_json` is the DRPair as the source declared it.
+    /// A generation committed; `pair_json` is the DRPair as the source declared it and
+    /// `manifests_json` the generation's manifests.
     async fn committed(
         &self,
         _pair: &PairKey,
         _generation: &CommittedGeneration,
         _pair_json: &[u8],
+        _manifests_json: &[u8],
     ) {
     }
 }
@@ -500,7 +502,7 @@ impl Destination {
             tracing::warn!(pair = %pair, error = %e, "pruning old generations failed; retrying next commit");
         }
         self.observer
-            .committed(&pair, &generation, &sync.pair_json)
+            .committed(&pair, &generation, &sync.pair_json, &request.manifests_json)
             .await;
         Ok(CommitResponse {
             committed_generation: header.generation,

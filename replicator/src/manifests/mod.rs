@@ -33,6 +33,7 @@
 //! Invariant: every stage keeps the set of objects (capture decides it once); only their
 //! content and order change.
 
+mod apply;
 mod capture;
 mod object;
 mod order;
@@ -42,6 +43,7 @@ mod transform;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use apply::{apply_object, ApplyError};
 pub use capture::{
     capture, label_selector_query, ships_object, ships_resource, CaptureError, CapturedApp,
     SelectorError, LIST_PAGE_SIZE, UNDISCOVERED_GROUPS,
