@@ -8,8 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY-free: set_var is safe in edition 2021, and build scripts are single-threaded here.
     std::env::set_var("PROTOC", protoc);
-    let proto = "proto/ferry/replication/v1/replication.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    tonic_prost_build::configure().compile_protos(&[proto], &["proto"])?;
+    let protos = [
+        "proto/ferry/replication/v1/replication.proto",
+        "proto/ferry/witness/v1/witness.proto",
+    ];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_prost_build::configure().compile_protos(&protos, &["proto"])?;
     Ok(())
 }

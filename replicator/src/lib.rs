@@ -20,5 +20,5 @@ pub mod metrics;
 pub mod mover;
 pub mod site;
 pub mod source;
-pub mod tls;
+pub use ferry_tls as tls;
 pub mod transport;

@@ -1,4 +1,5 @@
-//! Mutual TLS material for replicator-to-replicator gRPC.
+//! Mutual TLS material for Ferry's gRPC services: replicator to replicator, site controller to
+//! witness, and witness to witness.
 //!
 //! Every lab (or cluster set) has one [`CertificateAuthority`]; each site's replicator gets a
 //! leaf certificate from it, valid both as a TLS server certificate and as a TLS client
