@@ -12,6 +12,16 @@ struct Cli {
     /// This site's name (its Site object).
     #[arg(long, env = "FERRY_SITE")]
     site: String,
+    /// A witness of the quorum, `host:port`; repeat for each (3 or 5). Without any, no leases,
+    /// no automatic failover.
+    #[arg(long = "witness", env = "FERRY_WITNESSES", value_delimiter = ',')]
+    witnesses: Vec<String>,
+    /// Directory with ca.crt, tls.crt and tls.key for mutual TLS to the witnesses.
+    #[arg(long, env = "FERRY_WITNESS_TLS_DIR", default_value = "/etc/ferry/tls")]
+    witness_tls_dir: std::path::PathBuf,
+    /// Lease duration per pair held at the witnesses.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    lease: std::time::Duration,
 }
 
 /// Runs the command line `args` (the first is the program name); returns the exit code.
@@ -48,12 +58,44 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                 return 1;
             }
         };
+        let quorum = if cli.witnesses.is_empty() {
+            None
+        } else {
+            let tls = match ferry_tls::TlsMaterial::from_dir(&cli.witness_tls_dir) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    eprintln!("ferry-controller: witness TLS material: {e}");
+                    return 1;
+                }
+            };
+            match ferry_witness::client::QuorumClient::new(&cli.witnesses, &tls) {
+                Ok(client) => Some(crate::quorum::Quorum {
+                    client,
+                    lease: cli.lease,
+                }),
+                Err(e) => {
+                    eprintln!("ferry-controller: --witness: {}", e.message());
+                    return 1;
+                }
+            }
+        };
         let ctx = Arc::new(crate::migration::Context {
             site: cli.site,
             client,
+            quorum: quorum.clone(),
         });
+        let agent = {
+            let ctx = ctx.clone();
+            async move {
+                match quorum {
+                    Some(q) => crate::quorum::run(ctx, q).await,
+                    None => std::future::pending().await,
+                }
+            }
+        };
         tokio::select! {
             () = crate::migration::run(ctx) => 0,
+            () = agent => 0,
             () = ferry_replicator::cli::shutdown_signal() => 0,
         }
     })

@@ -2,7 +2,9 @@
 //! its sites. This crate holds the planned migration ([`migration`]): quiesce the app at the
 //! source ([`quiesce`]), take a final generation through the replicator, advance the epoch at
 //! both sites, and stand the app up at the target from that generation ([`instantiate`]),
-//! reaching the peer site through its `Site` kubeconfig ([`peer`]).
+//! reaching the peer site through its `Site` kubeconfig ([`peer`]). With a witness quorum
+//! ([`quorum`]) it also holds each active pair's lease, fences this site when the lease is
+//! lost, and carries out failovers the quorum decides or a person requests ([`takeover`]).
 //!
 //! Data flows one way: the replicator produces committed generations (VolumeSnapshots and a
 //! manifests Secret at the destination, DRPair status at both sites); this controller only
@@ -13,3 +15,5 @@ pub mod instantiate;
 pub mod migration;
 pub mod peer;
 pub mod quiesce;
+pub mod quorum;
+pub mod takeover;

@@ -37,12 +37,15 @@ pub struct Context {
     pub site: String,
     /// This site's API client.
     pub client: Client,
+    /// The witness quorum, when this site uses one (`--witness`): planned migrations and
+    /// failovers then go through it, and bump the epoch there first.
+    pub quorum: Option<crate::quorum::Quorum>,
 }
 
 /// Reconcile failures: transient, retried with back-off.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ReconcileError(String);
+pub struct ReconcileError(pub(crate) String);
 
 impl From<kube::Error> for ReconcileError {
     fn from(e: kube::Error) -> Self {
@@ -50,7 +53,7 @@ impl From<kube::Error> for ReconcileError {
     }
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     Time(Timestamp::now())
 }
 
@@ -72,15 +75,15 @@ fn error_policy(_m: Arc<Migration>, error: &ReconcileError, _ctx: Arc<Context>) 
     Action::requeue(Duration::from_secs(2))
 }
 
-struct Step<'a> {
-    migration: &'a Migration,
-    api: Api<Migration>,
-    namespace: String,
+pub(crate) struct Step<'a> {
+    pub(crate) migration: &'a Migration,
+    pub(crate) api: Api<Migration>,
+    pub(crate) namespace: String,
 }
 
 impl Step<'_> {
     /// Records `phase` (with its start time) and anything in `extra`.
-    async fn enter(&self, phase: P, extra: Value) -> Result<(), ReconcileError> {
+    pub(crate) async fn enter(&self, phase: P, extra: Value) -> Result<(), ReconcileError> {
         let status = self.migration.status.clone().unwrap_or_default();
         let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
         if let Some(list) = times.as_array_mut() {
@@ -112,7 +115,7 @@ impl Step<'_> {
     }
 
     /// Ends the migration as Failed with `reason` and `message`.
-    async fn fail(&self, reason: R, message: String) -> Result<Action, ReconcileError> {
+    pub(crate) async fn fail(&self, reason: R, message: String) -> Result<Action, ReconcileError> {
         let status = self.migration.status.clone().unwrap_or_default();
         let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
         if let Some(list) = times.as_array_mut() {
@@ -143,12 +146,12 @@ impl Step<'_> {
         Ok(Action::await_change())
     }
 
-    fn pairs(&self, client: &Client) -> Api<DRPair> {
+    pub(crate) fn pairs(&self, client: &Client) -> Api<DRPair> {
         Api::namespaced(client.clone(), &self.namespace)
     }
 }
 
-async fn patch_pair_status(
+pub(crate) async fn patch_pair_status(
     api: &Api<DRPair>,
     name: &str,
     status: Value,
@@ -162,14 +165,14 @@ async fn patch_pair_status(
     .map(|_| ())
 }
 
-fn seconds_since(t: &Time) -> f64 {
+pub(crate) fn seconds_since(t: &Time) -> f64 {
     (Timestamp::now().as_millisecond() - t.0.as_millisecond()) as f64 / 1000.0
 }
 
 /// Snapshots the app's PVCs at this (old source) site as the seed of `generation`: replica
 /// snapshots labelled `ferry.dev/seed=true`, which this site's replicator adopts as its newest
 /// committed generation when the first sync back arrives.
-async fn seed(
+pub(crate) async fn seed(
     client: &Client,
     pair: &DRPair,
     namespace: &str,
@@ -228,6 +231,9 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
             )
             .await;
     };
+    if migration.spec.type_ == ferry_schemas::migration::MigrationType::Failover {
+        return crate::takeover::reconcile(&step, &ctx, &pair, phase).await;
+    }
     let pair_status = pair.status.clone().unwrap_or_default();
     let target = migration.spec.target_site.clone();
     let source = ctx.site.clone();
@@ -346,6 +352,11 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
             // The app's volumes here hold exactly the final generation: keep them as its seed,
             // so replication back from the target starts with a delta, not a full copy.
             seed(&ctx.client, &pair, &namespace, generation).await?;
+            if let Some(quorum) = &ctx.quorum {
+                // The quorum first: the move is one raft entry, and the old epoch's lease dies
+                // with it.
+                crate::takeover::propose_migration(quorum, &step, &source, &target, epoch).await?;
+            }
             let remote = peer::peer_client(&ctx.client, &target)
                 .await
                 .map_err(|e| ReconcileError(e.to_string()))?;

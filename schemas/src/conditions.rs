@@ -100,6 +100,13 @@ wire_enum! {
         QuorumLost = "QuorumLost",
         /// `FailoverBlocked=False` / `WitnessQuorumLost=False`.
         QuorumHeld = "QuorumHeld",
+        /// `FailoverBlocked=True`: a condition of the failover rule does not hold (the
+        /// secondary is unhealthy, holds no generation, or the loss is not yet agreed); the
+        /// message is the witness leader's reason.
+        FailoverRuleUnmet = "FailoverRuleUnmet",
+        /// `Ready=False`: this site lost its witness lease or learned a newer epoch; the app
+        /// is scaled to zero here (fenced).
+        Fenced = "Fenced",
     }
 }
 
@@ -142,6 +149,9 @@ wire_enum! {
         TargetUnreachable = "TargetUnreachable",
         /// `Failed=True`: a failover would lose more than `spec.failover.dataLossAllowance`.
         DataLossAllowanceExceeded = "DataLossAllowanceExceeded",
+        /// `Failed=True`: the witness quorum could not be reached, or refused the move (a
+        /// stale epoch); a failover needs the quorum's decision.
+        QuorumUnavailable = "QuorumUnavailable",
     }
 }
 

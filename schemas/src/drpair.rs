@@ -331,6 +331,9 @@ wire_enum! {
         /// The application was failed over to the secondary and the pair is
         /// unprotected until failback or re-protection.
         FailedOver = "FailedOver",
+        /// This site lost its witness lease (or learned a newer epoch): the app is scaled to
+        /// zero here and nothing is shipped until the lease is held again.
+        Fenced = "Fenced",
         /// The spec is invalid or a permanent error stopped replication; the
         /// Ready condition's message says why.
         Error = "Error",
@@ -360,6 +363,9 @@ pub struct DRPairStatus {
     /// When the newest complete generation finished committing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_time: Option<Time>,
+    /// When the newest complete generation was captured at the source (its point in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_capture_time: Option<Time>,
     /// Seconds the newest complete generation took from capture start to commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_duration_seconds: Option<f64>,

@@ -114,6 +114,20 @@ pub fn evaluate(
             cfg.quorum()
         ));
     }
+    let x_heard = state
+        .sites
+        .get(x)
+        .map(|s| s.last_heard_ms)
+        .unwrap_or(0)
+        .max(views.get(x).and_then(|v| v.last_heard_ms).unwrap_or(0));
+    let pair_timeout = pair.config.site_loss_timeout_ms as i64;
+    if now_ms - x_heard < pair_timeout {
+        return Verdict::Blocked(format!(
+            "site {x} lost by {lost} of {} witnesses; waiting for the pair's siteLossTimeout {}s",
+            cfg.voters,
+            pair_timeout / 1000
+        ));
+    }
     let timeout = cfg.site_loss_timeout_ms as i64;
     let y_view = views.get(y);
     let y_heard = y_view.and_then(|v| v.last_heard_ms);
@@ -134,12 +148,6 @@ pub fn evaluate(
     if report.generation == 0 {
         return Verdict::Blocked(format!("site {y} holds no complete generation of the pair"));
     }
-    let x_heard = state
-        .sites
-        .get(x)
-        .map(|s| s.last_heard_ms)
-        .unwrap_or(0)
-        .max(views.get(x).and_then(|v| v.last_heard_ms).unwrap_or(0));
     let loss_ms = (x_heard - report.capture_time_ms).max(0);
     if loss_ms as u64 > pair.config.allowance_ms {
         return Verdict::Blocked(format!(
@@ -187,6 +195,7 @@ mod tests {
                 mode,
                 rpo_ms: 300_000,
                 allowance_ms: 300_000,
+                site_loss_timeout_ms: 0,
             },
             active: "a".into(),
             epoch: 3,
@@ -336,6 +345,27 @@ mod tests {
         assert_eq!(evaluate(&p, &state, &views, 110_500, &CFG), Verdict::Hold);
         assert!(matches!(
             evaluate(&p, &state, &views, 120_000, &CFG),
+            Verdict::Failover(_)
+        ));
+    }
+
+    #[test]
+    fn the_pairs_own_site_loss_timeout_is_waited_out() {
+        let mut p = pair(Mode::Automatic);
+        p.config.site_loss_timeout_ms = 30_000;
+        let (state, views) = world(2, Some(119_000), 80_000);
+        // a was last heard at 95 s: lost for 25 s at 120 s, 30 s at 125 s.
+        let v = evaluate(&p, &state, &views, 120_000, &CFG);
+        assert_eq!(
+            v,
+            Verdict::Blocked(
+                "site a lost by 2 of 3 witnesses; waiting for the pair's siteLossTimeout 30s"
+                    .into()
+            )
+        );
+        let (state, views) = world(2, Some(124_500), 80_000);
+        assert!(matches!(
+            evaluate(&p, &state, &views, 125_000, &CFG),
             Verdict::Failover(_)
         ));
     }

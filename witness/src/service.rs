@@ -110,6 +110,7 @@ pub fn pair_to_wire(p: &PairRecord) -> PairState {
         not_before_unix_ms: p.not_before_ms,
         blocked_reason: p.blocked.clone().unwrap_or_default(),
         history: p.history.iter().map(record_to_wire).collect(),
+        site_loss_timeout_ms: p.config.site_loss_timeout_ms,
     }
 }
 
@@ -184,6 +185,7 @@ impl Witness for WitnessService {
             } else {
                 req.allowance_ms
             },
+            site_loss_timeout_ms: req.site_loss_timeout_ms,
         };
         let command = Command::RegisterPair {
             config,

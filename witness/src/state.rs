@@ -39,6 +39,9 @@ pub struct PairConfig {
     pub rpo_ms: u64,
     /// Data-loss allowance, in milliseconds: the most a failover may lose (default: the RPO).
     pub allowance_ms: u64,
+    /// The pair's siteLossTimeout, ms (0: the witnesses' own timeout only).
+    #[serde(default)]
+    pub site_loss_timeout_ms: u64,
 }
 
 /// A lease on a pair, held by its active site.
@@ -372,6 +375,7 @@ mod tests {
             mode: Mode::Automatic,
             rpo_ms: 30_000,
             allowance_ms: 30_000,
+            site_loss_timeout_ms: 0,
         }
     }
 

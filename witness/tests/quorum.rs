@@ -197,6 +197,7 @@ fn register(mode: FailoverMode) -> RegisterPairRequest {
         allowance_ms: 0,
         active_site: "a".into(),
         epoch: 1,
+        site_loss_timeout_ms: 0,
     }
 }
 

@@ -147,6 +147,12 @@ async fn worker(ctx: SiteContext, key: PairKey) {
             tracing::info!(pair = %key, active, "pair is no longer active here; stop shipping");
             return;
         }
+        if status.phase == Some(ferry_schemas::drpair::PairPhase::Fenced) {
+            // The controller fenced this site (witness lease lost): ship nothing until it
+            // holds the lease again.
+            tokio::time::sleep(RETRY).await;
+            continue;
+        }
         let sites: Vec<String> = match Api::<Site>::all(ctx.client.clone())
             .list(&Default::default())
             .await
@@ -376,6 +382,7 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                 let mut fields = json!({
                     "generation": generation,
                     "lastSyncTime": rfc3339(SystemTime::now()),
+                    "lastCaptureTime": rfc3339(capture_time),
                     "lastSyncDurationSeconds": (duration.as_secs_f64() * 1000.0).round() / 1000.0,
                     "lastSyncBytes": report.bytes_shipped,
                     "currentLagSeconds": (lag * 10.0).round() / 10.0,
@@ -604,6 +611,7 @@ impl DestinationObserver for SiteObserver {
             "epoch": generation.epoch,
             "generation": generation.generation,
             "lastSyncTime": rfc3339(SystemTime::now()),
+            "lastCaptureTime": rfc3339(capture),
             "currentLagSeconds": (lag * 10.0).round() / 10.0,
             "phase": "Replicating",
         });
