@@ -19,9 +19,13 @@ struct Cli {
     /// Directory with ca.crt, tls.crt and tls.key for mutual TLS to the witnesses.
     #[arg(long, env = "FERRY_WITNESS_TLS_DIR", default_value = "/etc/ferry/tls")]
     witness_tls_dir: std::path::PathBuf,
-    /// Lease duration per pair held at the witnesses.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Lease duration per pair held at the witnesses (an empty value means the default).
+    #[arg(long, env = "FERRY_LEASE", default_value = "10s", value_parser = parse_lease)]
     lease: std::time::Duration,
+}
+
+fn parse_lease(s: &str) -> Result<std::time::Duration, humantime::DurationError> {
+    humantime::parse_duration(if s.trim().is_empty() { "10s" } else { s })
 }
 
 /// Runs the command line `args` (the first is the program name); returns the exit code.
@@ -58,7 +62,14 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                 return 1;
             }
         };
-        let quorum = if cli.witnesses.is_empty() {
+        // An empty `witnesses` key (no quorum at this site) reads as one empty entry.
+        let witnesses: Vec<String> = cli
+            .witnesses
+            .iter()
+            .filter(|w| !w.trim().is_empty())
+            .cloned()
+            .collect();
+        let quorum = if witnesses.is_empty() {
             None
         } else {
             let tls = match ferry_tls::TlsMaterial::from_dir(&cli.witness_tls_dir) {
@@ -68,7 +79,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                     return 1;
                 }
             };
-            match ferry_witness::client::QuorumClient::new(&cli.witnesses, &tls) {
+            match ferry_witness::client::QuorumClient::new(&witnesses, &tls) {
                 Ok(client) => Some(crate::quorum::Quorum {
                     client,
                     lease: cli.lease,

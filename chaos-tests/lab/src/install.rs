@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use ferry_replicator::tls::{CertificateAuthority, TlsMaterial};
 
+use crate::links;
 use crate::site::client_from;
 use crate::sites::SiteLayout;
 
@@ -84,66 +85,104 @@ pub async fn apply(client: &Client, object: &Value) -> Result<()> {
     Ok(ferry_replicator::manifests::apply_object(client, object, MANAGER).await?)
 }
 
-/// TLS material of every site, from `DIR/<site>/tls/`, generated (one CA for all) when any is
-/// missing. SANs: the site's address and the replicator Service's DNS name.
-fn tls_material(
-    dir: &Path,
-    sites: &[(String, std::net::IpAddr)],
-) -> Result<BTreeMap<String, TlsMaterial>> {
-    let tls_dir = |site: &str| SiteLayout::in_lab(dir, site).root.join("tls");
-    let existing: Option<BTreeMap<String, TlsMaterial>> = sites
+/// Where a holder of lab TLS material keeps it, and the names its certificate must carry.
+struct Holder {
+    name: String,
+    dir: std::path::PathBuf,
+    sans: Vec<String>,
+}
+
+fn holders(dir: &Path, sites: &[(String, std::net::IpAddr)]) -> Result<Vec<Holder>> {
+    let mut out: Vec<Holder> = sites
         .iter()
-        .map(|(s, _)| {
-            TlsMaterial::from_dir(tls_dir(s))
-                .ok()
-                .map(|m| (s.clone(), m))
-        })
-        .collect();
-    if let Some(all) = existing {
-        if all.values().all(|m| {
-            m.ca_pem
-                == all
-                    .values()
-                    .next()
-                    .map(|f| f.ca_pem.clone())
-                    .unwrap_or_default()
-        }) {
-            return Ok(all);
-        }
-    }
-    let ca = CertificateAuthority::generate("ferry-lab")?;
-    let mut out = BTreeMap::new();
-    for (site, ip) in sites {
-        let material = ca.issue(
-            site,
-            &[
+        .map(|(site, ip)| Holder {
+            name: site.clone(),
+            dir: SiteLayout::in_lab(dir, site).root.join("tls"),
+            sans: vec![
                 ip.to_string(),
                 format!("ferry-replicator.{NAMESPACE}.svc"),
                 "localhost".into(),
             ],
-        )?;
-        std::fs::create_dir_all(tls_dir(site))?;
-        material.write_dir(tls_dir(site))?;
-        out.insert(site.clone(), material);
+        })
+        .collect();
+    for id in crate::witnesses::list_witnesses(dir) {
+        let layout = crate::witnesses::WitnessLayout::in_lab(dir, id);
+        let record = layout.read_record()?;
+        out.push(Holder {
+            name: format!("witness-{id}"),
+            dir: layout.tls(),
+            sans: vec![record.listen.ip().to_string()],
+        });
     }
     Ok(out)
 }
 
-/// Installs Ferry into every site of `sites` (all already running in lab directory `dir`)
-/// and waits until its components are ready.
+/// The lab's TLS material: one CA, a leaf per site (in `DIR/<site>/tls/`; SANs: the site's
+/// address and the replicator Service's DNS name) and per witness (in
+/// `DIR/witnesses/w<i>/tls/`; SAN: its address). Generated anew, for all, when any holder
+/// lacks material from the shared CA. Returns the sites' material.
 ///
 /// # Errors
-/// When a site is unreachable, an object is refused, or a component is not ready within
-/// [`READY_TIMEOUT`] (the message names it).
-pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
+/// When a site has no record or the material cannot be generated or written.
+pub fn lab_tls(dir: &Path, sites: &[String]) -> Result<BTreeMap<String, TlsMaterial>> {
     let mut addresses = Vec::new();
     for site in sites {
         let record = SiteLayout::in_lab(dir, site).read_record()?;
         addresses.push((site.clone(), record.listen.ip()));
     }
-    let tls = tls_material(dir, &addresses)?;
+    let holders = holders(dir, &addresses)?;
+    let existing: Option<Vec<TlsMaterial>> = holders
+        .iter()
+        .map(|h| TlsMaterial::from_dir(&h.dir).ok())
+        .collect();
+    let shared_ca = existing.as_ref().is_some_and(|all| {
+        all.iter()
+            .all(|m| all.first().is_some_and(|f| f.ca_pem == m.ca_pem))
+    });
+    if !shared_ca {
+        let ca = CertificateAuthority::generate("ferry-lab")?;
+        for holder in &holders {
+            let material = ca.issue(&holder.name, &holder.sans)?;
+            std::fs::create_dir_all(&holder.dir)?;
+            material.write_dir(&holder.dir)?;
+        }
+    }
+    sites
+        .iter()
+        .map(|site| {
+            let path = SiteLayout::in_lab(dir, site).root.join("tls");
+            Ok((site.clone(), TlsMaterial::from_dir(&path)?))
+        })
+        .collect()
+}
+
+/// What `ferry-lab up` sets per lab for Ferry's controllers.
+#[derive(Clone, Copy, Debug)]
+pub struct InstallOptions {
+    /// The witness lease each active site holds per pair (`ferry-site` key `lease`).
+    pub lease: Duration,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Installs Ferry into every site of `sites` (all already running in lab directory `dir`,
+/// with the lab's witnesses, if any, started) and waits until its components are ready. The
+/// `ferry-site` ConfigMap of each site names the witnesses through that site's links into
+/// them (key `witnesses`, empty without witnesses) and the lease (key `lease`).
+///
+/// # Errors
+/// When a site is unreachable, an object is refused, or a component is not ready within
+/// [`READY_TIMEOUT`] (the message names it).
+pub async fn install(dir: &Path, sites: &[String], options: InstallOptions) -> Result<()> {
+    let tls = lab_tls(dir, sites)?;
     let objects = deploy_objects()?;
-    for (site, _) in &addresses {
+    for site in sites {
         let client = client_from(&SiteLayout::in_lab(dir, site).kubeconfig()).await?;
         // CRDs and the namespace first, then the per-site configuration, then the components.
         let (early, late): (Vec<&Value>, Vec<&Value>) = objects.iter().partition(|o| {
@@ -156,21 +195,22 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
             apply(&client, object).await?;
         }
         let material = &tls[site];
-        apply(&client, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ferry-site", "namespace": NAMESPACE}, "data": {"site": site}})).await?;
+        let witnesses = crate::witnesses::addresses_for(dir, site, LINK_TIMEOUT).await?;
+        let lease = humantime::format_duration(options.lease).to_string();
+        apply(&client, &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ferry-site", "namespace": NAMESPACE}, "data": {"site": site, "witnesses": witnesses.join(","), "lease": lease}})).await?;
         apply(&client, &json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": {"name": "ferry-replicator-tls", "namespace": NAMESPACE}, "stringData": material.to_secret_data()})).await?;
-        for (peer, ip) in &addresses {
-            let mut kubeconfig =
-                std::fs::read_to_string(SiteLayout::in_lab(dir, peer).kubeconfig())?;
+        for peer in sites {
+            let peer_layout = SiteLayout::in_lab(dir, peer);
+            let mut kubeconfig = std::fs::read_to_string(peer_layout.kubeconfig())?;
+            let api = peer_layout.read_record()?.listen;
             // A peer is reached through the links into it for this site (partitionable).
-            let mut replication_port = REPLICATION_PORT;
+            let mut replication = std::net::SocketAddr::new(api.ip(), REPLICATION_PORT);
             if peer != site {
-                let ports = wait_link(dir, site, peer).await?;
-                let api = SiteLayout::in_lab(dir, peer).read_record()?.listen;
-                kubeconfig = kubeconfig.replace(
-                    &api.to_string(),
-                    &std::net::SocketAddr::new(*ip, ports.api).to_string(),
-                );
-                replication_port = ports.replication;
+                let wait =
+                    |service| links::wait_link(&peer_layout.root, site, service, LINK_TIMEOUT);
+                let api_link = std::net::SocketAddr::new(api.ip(), wait(links::API).await?);
+                kubeconfig = kubeconfig.replace(&api.to_string(), &api_link.to_string());
+                replication.set_port(wait(links::REPLICATION).await?);
             }
             let secret = format!("ferry-site-{peer}-kubeconfig");
             apply(&client, &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret, "namespace": NAMESPACE}, "stringData": {"kubeconfig": kubeconfig}})).await?;
@@ -179,7 +219,7 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
                 &json!({
                     "apiVersion": "ferry.dev/v1alpha1", "kind": "Site", "metadata": {"name": peer},
                     "spec": {
-                        "replicatorEndpoint": format!("{ip}:{replication_port}"),
+                        "replicatorEndpoint": replication.to_string(),
                         "tlsSecretRef": {"name": "ferry-replicator-tls", "namespace": NAMESPACE},
                         "kubeconfigSecretRef": {"name": secret, "namespace": NAMESPACE},
                     },
@@ -191,7 +231,7 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
             apply(&client, object).await?;
         }
     }
-    for (site, _) in &addresses {
+    for site in sites {
         let client = client_from(&SiteLayout::in_lab(dir, site).kubeconfig()).await?;
         for component in ["ferry-replicator", "ferry-controller"] {
             wait_ready(&client, component)
@@ -206,19 +246,8 @@ pub async fn install(dir: &Path, sites: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The links from `from` into `to`, once `to`'s process has opened them.
-async fn wait_link(dir: &Path, from: &str, to: &str) -> Result<crate::links::LinkPorts> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(ports) = crate::links::read_links(dir, to).get(from) {
-            return Ok(*ports);
-        }
-        if Instant::now() > deadline {
-            bail!("site {to} opened no link for site {from} within 15s");
-        }
-        tokio::time::sleep(crate::links::POLL).await;
-    }
-}
+/// How long a site or witness process may take to open its links for a new site.
+const LINK_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn wait_ready(client: &Client, name: &str) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);

@@ -20,3 +20,4 @@ pub mod links;
 pub mod node;
 pub mod site;
 pub mod sites;
+pub mod witnesses;

@@ -1,15 +1,18 @@
-//! Links between sites, and partitions of them.
+//! Links between sites, and between sites and witnesses, and partitions of them.
 //!
-//! Every cross-site connection Ferry makes goes through a link: a TCP proxy that the
-//! destination site's process runs for each other site, one for the replicator's gRPC port and
-//! one for the API server (the kubeconfig a peer's controller uses). `ferry-lab up` points the
-//! `Site` objects and kubeconfig Secrets of site `x` at the links `x → peer`. Since all sites
-//! share the loopback interface, a link's port is what tells traffic from `x` apart.
+//! Every cross-site connection Ferry makes goes through a link: a TCP proxy that the process of
+//! the endpoint being reached runs for each site that may reach it. A site runs two links per
+//! peer site, one for the replicator's gRPC port and one for the API server (the kubeconfig a
+//! peer's controller uses); a witness runs one per site, for its gRPC port. `ferry-lab up`
+//! points the `Site` objects, kubeconfig Secrets and witness list of site `x` at the links
+//! from `x`. Since everything shares the loopback interface, a link's port is what tells
+//! traffic from `x` apart.
 //!
 //! `ferry-lab site partition NAME` adds the site to `DIR/partitions.json`; every link from or
 //! to a partitioned site then refuses new connections and drops the ones it carries (within
-//! [`POLL`]). `heal` removes it. The harness (tests, `kubectl` with `DIR/<site>/kubeconfig`)
-//! reaches each site directly and is never cut.
+//! [`POLL`]), so the site loses its peers and the witnesses at once, as a cut uplink would.
+//! `heal` removes it. The harness (tests, `kubectl` with `DIR/<site>/kubeconfig`) reaches each
+//! site directly and is never cut; witnesses reach each other directly.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +21,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
 
@@ -26,27 +28,70 @@ use tokio::task::AbortHandle;
 pub const REPLICATION_PORT: u16 = 7443;
 /// How often links look for new sites and for partition changes.
 pub const POLL: Duration = Duration::from_millis(100);
+/// Service name of a site's replicator link.
+pub const REPLICATION: &str = "replication";
+/// Service name of a site's API server link.
+pub const API: &str = "api";
+/// Service name of a witness's link.
+pub const WITNESS: &str = "witness";
 
-/// Ports of the links from one site to this one (on this site's address).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LinkPorts {
-    /// Proxy to this site's replicator.
-    pub replication: u16,
-    /// Proxy to this site's API server.
-    pub api: u16,
+/// Ports of the links from one site into an endpoint, by service name.
+pub type LinkPorts = BTreeMap<String, u16>;
+
+/// A service an endpoint offers through links: its name and where the links forward to.
+#[derive(Clone, Debug)]
+pub struct Service {
+    /// [`REPLICATION`], [`API`] or [`WITNESS`].
+    pub name: &'static str,
+    /// The address behind the links.
+    pub target: SocketAddr,
 }
 
-/// `DIR/<site>/links.json`: source site → the ports of its links into `site`.
-pub fn links_path(dir: &Path, site: &str) -> PathBuf {
-    dir.join(site).join("links.json")
+/// An endpoint reached through links: a site or a witness.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    /// Its name in `DIR/partitions.json` and in log lines: a site name or `w<id>`.
+    pub name: String,
+    /// Its directory, which holds `links.json`.
+    pub root: PathBuf,
+    /// The address its links listen on.
+    pub ip: IpAddr,
+    /// What the links forward to.
+    pub services: Vec<Service>,
 }
 
-/// The links into `site`, by source site (empty when none yet).
-pub fn read_links(dir: &Path, site: &str) -> BTreeMap<String, LinkPorts> {
-    std::fs::read(links_path(dir, site))
+/// `<root>/links.json`: source site → the ports of its links into the endpoint at `root`.
+pub fn links_path(root: &Path) -> PathBuf {
+    root.join("links.json")
+}
+
+/// The links into the endpoint at `root`, by source site (empty when none yet).
+pub fn read_links(root: &Path) -> BTreeMap<String, LinkPorts> {
+    std::fs::read(links_path(root))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
+}
+
+/// The port of service `service` on the link from site `from` into the endpoint at `root`,
+/// once the endpoint's process has opened it.
+///
+/// # Errors
+/// When no such link appears within `timeout`.
+pub async fn wait_link(root: &Path, from: &str, service: &str, timeout: Duration) -> Result<u16> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(port) = read_links(root).get(from).and_then(|p| p.get(service)) {
+            return Ok(*port);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "{} opened no {service} link for site {from} within {timeout:?}",
+                root.display()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// `DIR/partitions.json`: the partitioned sites.
@@ -86,35 +131,36 @@ fn is_cut(dir: &Path, from: &str, to: &str) -> bool {
 
 type Connections = Arc<Mutex<Vec<AbortHandle>>>;
 
-/// Runs the links into `site` (address `ip`, API server at `api`) until the process ends:
-/// creates them for every other site of the lab as it appears, keeps their ports across
-/// restarts in `links.json`, and cuts connections of partitioned links.
-pub async fn run(dir: PathBuf, site: String, ip: IpAddr, api: SocketAddr) {
+/// Runs the links into `endpoint` until the process ends: creates them for every site of the
+/// lab (other than the endpoint itself) as it appears, keeps their ports across restarts in
+/// `links.json`, and cuts connections of partitioned links.
+pub async fn run(dir: PathBuf, endpoint: Endpoint) {
     let mut served: BTreeMap<String, Connections> = BTreeMap::new();
     loop {
-        let mut links = read_links(&dir, &site);
+        let mut links = read_links(&endpoint.root);
         let mut changed = false;
-        for peer in crate::sites::list_sites(&dir) {
-            if peer == site || served.contains_key(&peer) {
+        for source in crate::sites::list_sites(&dir) {
+            if source == endpoint.name || served.contains_key(&source) {
                 continue;
             }
-            let wanted = links.get(&peer).copied().unwrap_or_default();
-            match open_link(&dir, &peer, &site, ip, api, wanted).await {
+            let wanted = links.get(&source).cloned().unwrap_or_default();
+            match open_link(&dir, &source, &endpoint, &wanted).await {
                 Ok((ports, connections)) => {
-                    changed |= links.insert(peer.clone(), ports) != Some(ports);
-                    served.insert(peer, connections);
+                    changed |= links.get(&source) != Some(&ports);
+                    links.insert(source.clone(), ports);
+                    served.insert(source, connections);
                 }
-                Err(e) => tracing::warn!(peer, error = %e, "opening a link"),
+                Err(e) => tracing::warn!(source, to = %endpoint.name, error = %e, "opening a link"),
             }
         }
         if changed {
             let _ = std::fs::write(
-                links_path(&dir, &site),
+                links_path(&endpoint.root),
                 serde_json::to_vec_pretty(&links).unwrap_or_default(),
             );
         }
-        for (peer, connections) in &served {
-            if is_cut(&dir, peer, &site) {
+        for (source, connections) in &served {
+            if is_cut(&dir, source, &endpoint.name) {
                 for handle in connections
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -131,28 +177,21 @@ pub async fn run(dir: PathBuf, site: String, ip: IpAddr, api: SocketAddr) {
 async fn open_link(
     dir: &Path,
     from: &str,
-    to: &str,
-    ip: IpAddr,
-    api: SocketAddr,
-    wanted: LinkPorts,
+    endpoint: &Endpoint,
+    wanted: &LinkPorts,
 ) -> Result<(LinkPorts, Connections)> {
     let connections: Connections = Arc::default();
-    let replication = bind(ip, wanted.replication).await?;
-    let api_link = bind(ip, wanted.api).await?;
-    let ports = LinkPorts {
-        replication: replication.local_addr()?.port(),
-        api: api_link.local_addr()?.port(),
-    };
-    for (listener, target) in [
-        (replication, SocketAddr::new(ip, REPLICATION_PORT)),
-        (api_link, api),
-    ] {
+    let mut ports = LinkPorts::new();
+    for service in &endpoint.services {
+        let wanted_port = wanted.get(service.name).copied().unwrap_or(0);
+        let listener = bind(endpoint.ip, wanted_port).await?;
+        ports.insert(service.name.to_string(), listener.local_addr()?.port());
         tokio::spawn(proxy(
             dir.to_path_buf(),
             from.to_string(),
-            to.to_string(),
+            endpoint.name.clone(),
             listener,
-            target,
+            service.target,
             connections.clone(),
         ));
     }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use ferry_lab::install::InstallOptions;
 use ferry_lab::site::SiteRuntime;
 use ferry_lab::sites::{self, SiteLayout};
+use ferry_lab::witnesses::{self, WitnessSettings};
 
 #[derive(Parser)]
 #[command(
@@ -29,9 +31,18 @@ enum Cmd {
         /// Comma-separated site names.
         #[arg(long, default_value = "a,b", value_delimiter = ',')]
         sites: Vec<String>,
-        /// Only the sites, without Ferry's components.
+        /// Only the sites, without Ferry's components or witnesses.
         #[arg(long)]
         bare: bool,
+        /// Witnesses of the quorum: 3 or 5, or 0 for none (no leases, no automatic failover).
+        #[arg(long, default_value_t = 3)]
+        witnesses: u64,
+        /// The witness lease each active site holds per pair.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        lease: Duration,
+        /// How long without a heartbeat before a witness suspects a site.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        site_loss_timeout: Duration,
     },
     /// Stop every site of the lab.
     Down {
@@ -55,6 +66,27 @@ enum Cmd {
         /// Lab directory.
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Fault injection and control of one witness.
+    Witness {
+        /// What to do: `kill` is SIGKILL, `start` restarts it with its log intact.
+        #[arg(value_parser = ["kill", "start"])]
+        action: String,
+        /// Witness id (1-based).
+        id: u64,
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Run one witness in the foreground (what `up` starts in the background).
+    #[command(hide = true)]
+    WitnessServe {
+        /// Lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Witness id.
+        #[arg(long)]
+        id: u64,
     },
     /// Run a lab image's entrypoint (what the process kubelet starts for a catalog image).
     Image {
@@ -114,7 +146,33 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             sites: names,
             bare,
-        } => up(&dir, &names, bare),
+            witnesses,
+            lease,
+            site_loss_timeout,
+        } => {
+            let quorum = (!bare && witnesses > 0).then_some((
+                witnesses,
+                WitnessSettings {
+                    site_loss_timeout_ms: site_loss_timeout.as_millis() as u64,
+                    ..WitnessSettings::default()
+                },
+            ));
+            let install = (!bare).then_some(InstallOptions { lease });
+            up(&dir, &names, quorum, install)
+        }
+        Cmd::Witness { action, id, dir } => {
+            if action == "kill" {
+                let pid = witnesses::signal(&dir, id, "KILL")?;
+                println!("witness {id}: killed (pid {pid})");
+            } else {
+                let r = witnesses::start(&dir, id, Duration::from_secs(30))?;
+                println!("witness {id}: started at {}", r.listen);
+            }
+            Ok(())
+        }
+        Cmd::WitnessServe { dir, id } => {
+            tokio::runtime::Runtime::new()?.block_on(witnesses::serve(&dir, id))
+        }
         Cmd::Down { dir } => down(&dir),
         Cmd::Status { dir } => status(&dir),
         Cmd::Site { action, name, dir } => match action.as_str() {
@@ -149,8 +207,9 @@ fn run(cli: Cli) -> Result<()> {
                     .filter(|s| *s != name)
                     .collect();
                 if cut {
+                    let witnesses = witnesses::list_witnesses(&dir).len();
                     println!(
-                        "site {name}: partitioned from {} (links cut within {:?})",
+                        "site {name}: partitioned from {} and {witnesses} witnesses (links cut within {:?})",
                         others.join(", "),
                         ferry_lab::links::POLL
                     );
@@ -203,7 +262,12 @@ fn run_image(args: Vec<String>) -> ExitCode {
     }
 }
 
-fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
+fn up(
+    dir: &Path,
+    names: &[String],
+    quorum: Option<(u64, WitnessSettings)>,
+    install: Option<InstallOptions>,
+) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     for (i, name) in names.iter().enumerate() {
@@ -214,9 +278,24 @@ fn up(dir: &Path, names: &[String], bare: bool) -> Result<()> {
             SiteLayout::in_lab(&dir, name).kubeconfig().display()
         );
     }
-    if !bare {
+    if let Some((count, settings)) = quorum {
+        witnesses::create(&dir, count, settings)?;
+        // Their certificates come from the lab CA, with the sites'.
+        ferry_lab::install::lab_tls(&dir, names)?;
+        for id in witnesses::list_witnesses(&dir) {
+            if witnesses::WitnessLayout::in_lab(&dir, id)
+                .running_pid()
+                .is_some()
+            {
+                continue;
+            }
+            let r = witnesses::start(&dir, id, Duration::from_secs(30))?;
+            println!("witness {id}: ready at {}", r.listen);
+        }
+    }
+    if let Some(options) = install {
         let runtime = tokio::runtime::Runtime::new()?;
-        runtime.block_on(ferry_lab::install::install(&dir, names))?;
+        runtime.block_on(ferry_lab::install::install(&dir, names, options))?;
     }
     Ok(())
 }
@@ -234,6 +313,19 @@ fn down(dir: &Path) -> Result<()> {
             Err(_) => println!("site {name}: not running"),
         }
     }
+    for id in witnesses::list_witnesses(dir) {
+        if witnesses::WitnessLayout::in_lab(dir, id)
+            .running_pid()
+            .is_none()
+        {
+            println!("witness {id}: not running");
+            continue;
+        }
+        if witnesses::signal(dir, id, "TERM").is_err() {
+            witnesses::signal(dir, id, "KILL")?;
+        }
+        println!("witness {id}: stopped");
+    }
     Ok(())
 }
 
@@ -246,6 +338,14 @@ fn status(dir: &Path) -> Result<()> {
         match paths.running_pid() {
             Some(pid) => println!("site {name}: running (pid {pid}) at http://{}", r.listen),
             None => println!("site {name}: stopped"),
+        }
+    }
+    for id in witnesses::list_witnesses(dir) {
+        let layout = witnesses::WitnessLayout::in_lab(dir, id);
+        let r = layout.read_record()?;
+        match layout.running_pid() {
+            Some(pid) => println!("witness {id}: running (pid {pid}) at {}", r.listen),
+            None => println!("witness {id}: stopped"),
         }
     }
     Ok(())
@@ -265,9 +365,24 @@ fn serve(dir: &Path, site: &str) -> Result<()> {
         // Links from the other sites into this one (see links.rs).
         let links = tokio::spawn(ferry_lab::links::run(
             dir.to_path_buf(),
-            site.to_string(),
-            record.listen.ip(),
-            record.listen,
+            ferry_lab::links::Endpoint {
+                name: site.to_string(),
+                root: paths.root.clone(),
+                ip: record.listen.ip(),
+                services: vec![
+                    ferry_lab::links::Service {
+                        name: ferry_lab::links::REPLICATION,
+                        target: std::net::SocketAddr::new(
+                            record.listen.ip(),
+                            ferry_lab::links::REPLICATION_PORT,
+                        ),
+                    },
+                    ferry_lab::links::Service {
+                        name: ferry_lab::links::API,
+                        target: record.listen,
+                    },
+                ],
+            },
         ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

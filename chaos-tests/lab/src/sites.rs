@@ -83,12 +83,7 @@ impl SiteLayout {
     }
     /// The pid of the running site process, if its pid file names a live process.
     pub fn running_pid(&self) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.pid())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        alive(pid).then_some(pid)
+        running_pid_in(&self.pid())
     }
 }
 
@@ -105,15 +100,52 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// The loopback address of the n-th site (0-based) of the lab in `dir`: `127.<L>.<n+1>.1`,
-/// where `L` (1–250) is derived from the lab directory, so that two labs on one machine (e.g.
-/// tests running side by side) rarely share addresses, and hence ports such as the
-/// replicator's.
-pub fn site_ip(dir: &Path, index: usize) -> IpAddr {
+/// The byte `L` (1–250) of the lab in `dir`, derived from its path, so that two labs on one
+/// machine (e.g. tests running side by side) rarely share addresses, and hence ports such as
+/// the replicator's.
+pub fn lab_octet(dir: &Path) -> u8 {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let hash = blake3::hash(canonical.to_string_lossy().as_bytes());
-    let lab = 1 + hash.as_bytes()[0] % 250;
-    IpAddr::V4(Ipv4Addr::new(127, lab, (index + 1) as u8, 1))
+    1 + hash.as_bytes()[0] % 250
+}
+
+/// The loopback address of the n-th site (0-based) of the lab in `dir`: `127.<L>.<n+1>.1`,
+/// `L` being [`lab_octet`].
+pub fn site_ip(dir: &Path, index: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, lab_octet(dir), (index + 1) as u8, 1))
+}
+
+/// The pid in `pid_file`, if it names a live process.
+pub fn running_pid_in(pid_file: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    alive(pid).then_some(pid)
+}
+
+/// Starts this `ferry-lab` binary with `args` in the background, in its own process group,
+/// its output appended to `log` and its pid written to `pid_file`; returns the pid.
+///
+/// # Errors
+/// When the log cannot be opened or the process cannot be spawned.
+pub fn spawn_lab_process(args: &[std::ffi::OsString], log: &Path, pid_file: &Path) -> Result<i32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe().context("locating the ferry-lab binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = cmd.spawn().context("spawning a lab process")?;
+    std::fs::write(pid_file, child.id().to_string())?;
+    Ok(child.id() as i32)
 }
 
 /// Starts site `name` as a background process (its own process group) and waits until its
@@ -137,21 +169,17 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
         std::fs::write(paths.record(), serde_json::to_vec_pretty(&r)?)?;
     }
     let _ = std::fs::remove_file(paths.kubeconfig());
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(paths.log())?;
-    let exe = std::env::current_exe().context("locating the ferry-lab binary")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["serve", "--dir"])
-        .arg(dir)
-        .args(["--site", name])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let child = cmd.spawn().context("spawning the site process")?;
-    std::fs::write(paths.pid(), child.id().to_string())?;
+    let pid = spawn_lab_process(
+        &[
+            "serve".into(),
+            "--dir".into(),
+            dir.into(),
+            "--site".into(),
+            name.into(),
+        ],
+        &paths.log(),
+        &paths.pid(),
+    )?;
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(r) = paths.read_record() {
@@ -162,7 +190,7 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
                 return Ok(r);
             }
         }
-        if !alive(child.id() as i32) {
+        if !alive(pid) {
             bail!(
                 "site {name} exited during start-up; see {}",
                 paths.log().display()
