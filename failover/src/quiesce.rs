@@ -21,7 +21,8 @@ fn query(selector: &LabelSelector) -> Result<String, kube::Error> {
 }
 
 /// Scales every Deployment and StatefulSet of the app (`selector` in `namespace`) to zero and
-/// suspends its CronJobs. Idempotent: an original count already recorded is kept.
+/// suspends its CronJobs. Idempotent: an original count already recorded is kept, and what is
+/// already quiesced is not written again.
 ///
 /// # Errors
 /// The first API error, naming nothing more than kube does; callers retry.
@@ -43,6 +44,10 @@ pub async fn quiesce(
     }
     let cronjobs: Api<CronJob> = Api::namespaced(client.clone(), namespace);
     for c in cronjobs.list(&params).await? {
+        let suspended = c.spec.as_ref().and_then(|s| s.suspend) == Some(true);
+        if suspended && c.annotations().contains_key(ORIGINAL_SUSPEND_ANNOTATION) {
+            continue; // already quiesced: no write
+        }
         let mut patch = json!({"spec": {"suspend": true}});
         if !c.annotations().contains_key(ORIGINAL_SUSPEND_ANNOTATION) {
             let suspended = c.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false);
@@ -69,6 +74,9 @@ async fn scale_down<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    if replicas == 0 && annotations.contains_key(ORIGINAL_REPLICAS_ANNOTATION) {
+        return Ok(()); // already quiesced: no write
+    }
     let mut patch = json!({"spec": {"replicas": 0}});
     if !annotations.contains_key(ORIGINAL_REPLICAS_ANNOTATION) {
         patch["metadata"] =

@@ -24,6 +24,11 @@ pub fn run(name: &str, args: &[String]) -> ExitCode {
                 .chain(args.iter().cloned())
                 .collect(),
         )),
+        "ferry-gate" => exit_code(ferry_failover::gate::main_with_args(
+            std::iter::once("ferry-gate".to_string())
+                .chain(args.iter().cloned())
+                .collect(),
+        )),
         other => {
             eprintln!("ferry-lab image: unknown image {other:?}");
             ExitCode::from(2)

@@ -90,7 +90,8 @@ impl PairStatus {
     }
 
     /// Merges `status` (a JSON object of DRPair status fields) into `namespace/name`'s status,
-    /// with `conditions` applied to the current ones.
+    /// with `conditions` applied to the current ones. With conditions to apply, a patch that
+    /// would change nothing is not sent.
     ///
     /// # Errors
     /// The API error (e.g. the pair was deleted).
@@ -104,13 +105,17 @@ impl PairStatus {
         let api: Api<DRPair> = Api::namespaced(self.client.clone(), namespace);
         if !conditions.is_empty() {
             let current = api.get_status(name).await?;
+            let current_status = serde_json::to_value(&current.status).unwrap_or(Value::Null);
             let existing = current.status.map(|s| s.conditions).unwrap_or_default();
-            status["conditions"] = serde_json::to_value(merge_conditions(
-                &existing,
-                conditions,
-                current.metadata.generation,
-            ))
-            .unwrap_or(Value::Null);
+            let merged = merge_conditions(&existing, conditions, current.metadata.generation);
+            // Nothing changes: skip the write (agents refresh conditions every tick).
+            let fields_unchanged = status
+                .as_object()
+                .is_none_or(|fields| fields.iter().all(|(k, v)| current_status.get(k) == Some(v)));
+            if fields_unchanged && merged == existing {
+                return Ok(());
+            }
+            status["conditions"] = serde_json::to_value(merged).unwrap_or(Value::Null);
         }
         api.patch_status(
             name,

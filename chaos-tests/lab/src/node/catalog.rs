@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `ghcr.io/ferry-dr/ferry-replicator` (any tag) | Ferry's replicator, built from this workspace, through `ferry-lab image ferry-replicator` |
 //! | `ghcr.io/ferry-dr/ferry-controller` (any tag) | Ferry's failover controller, through `ferry-lab image ferry-controller` |
+//! | `ghcr.io/ferry-dr/ferry-gate` (any tag) | the init container that holds an app's pod until its site holds the witness lease, through `ferry-lab image ferry-gate` |
 //! | `ferry-lab/sqlite-writer` | the demo ledger writer, through `ferry-lab image sqlite-writer` |
 //! | `postgres` (any tag) | the machine's PostgreSQL, through `ferry-lab image postgres` (initdb on an empty `PGDATA`), where PostgreSQL is installed |
 //! | `busybox` (any tag) | the container's `command` and `args` as a host command (`sh -c ...`) |
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The image is not one the lab can run.
-    #[error("image {image:?} is not in the lab image catalog (ghcr.io/ferry-dr/ferry-replicator, ghcr.io/ferry-dr/ferry-controller, ferry-lab/sqlite-writer, postgres, busybox)")]
+    #[error("image {image:?} is not in the lab image catalog (ghcr.io/ferry-dr/ferry-replicator, ghcr.io/ferry-dr/ferry-controller, ghcr.io/ferry-dr/ferry-gate, ferry-lab/sqlite-writer, postgres, busybox)")]
     UnknownImage {
         /// The image as the pod names it.
         image: String,
@@ -106,6 +107,7 @@ impl Catalog {
             "ferry-lab/sqlite-writer" => Ok(multi_call("sqlite-writer")),
             "ghcr.io/ferry-dr/ferry-replicator" => Ok(multi_call("ferry-replicator")),
             "ghcr.io/ferry-dr/ferry-controller" => Ok(multi_call("ferry-controller")),
+            "ghcr.io/ferry-dr/ferry-gate" => Ok(multi_call("ferry-gate")),
             "postgres" => Ok(multi_call("postgres")),
             "busybox" => {
                 let mut argv = command.iter().chain(args.iter()).cloned();

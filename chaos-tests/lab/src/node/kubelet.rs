@@ -11,9 +11,10 @@
 //!    ownership of the volume. Not as root, there are no namespaces: environment values that
 //!    start with a `mountPath` are rewritten to the host path, which the catalog apps accept
 //!    (the documented fallback, docs/lab.md);
-//! 4. appends `start` and `stop` to the site timeline, keeps the pod's status true (phase,
-//!    conditions, container states, restart counts), and restarts exited containers as the
-//!    pod's `restartPolicy` says, with exponential back-off;
+//! 4. runs the init containers in order, each to success (again after every site restart),
+//!    then the workload; appends the workload's `start` and `stop` to the site timeline,
+//!    keeps the pod's status true (phase, conditions, container states, restart counts), and
+//!    restarts exited containers as the pod's `restartPolicy` says, with exponential back-off;
 //! 5. when the pod is deleted, sends SIGTERM to the process group, then SIGKILL after
 //!    `terminationGracePeriodSeconds`.
 
@@ -307,11 +308,16 @@ fn now_rfc3339() -> String {
 }
 
 fn conditions(ready: bool) -> serde_json::Value {
+    pod_conditions(true, ready)
+}
+
+/// Pod conditions: `Initialized` once every init container has succeeded.
+fn pod_conditions(initialized: bool, ready: bool) -> serde_json::Value {
     let now = now_rfc3339();
     let s = |b: bool| if b { "True" } else { "False" };
     json!([
         {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
-        {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+        {"type": "Initialized", "status": s(initialized), "lastTransitionTime": now},
         {"type": "ContainersReady", "status": s(ready), "lastTransitionTime": now},
         {"type": "Ready", "status": s(ready), "lastTransitionTime": now},
     ])
@@ -365,8 +371,13 @@ async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver
         .unwrap_or(DEFAULT_GRACE_SECONDS)
         .max(0) as u64;
     let start_time = now_rfc3339();
+    // Init containers run one after the other, each to success, before the workload, and
+    // again whenever the pod is started anew (a site restart), as after a node reboot.
+    if !run_init_containers(&ctx, &pod, &containers.init, &policy, grace, &mut stopped).await {
+        return;
+    }
     // The lab runs the pod's first container as the workload; sidecars are out of scope.
-    let Some(c) = containers.into_iter().next() else {
+    let Some(c) = containers.main.into_iter().next() else {
         return;
     };
     let mut restarts: i32 = pod
@@ -452,6 +463,71 @@ async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver
             _ = until_stopped(&mut stopped) => return,
         }
     }
+}
+
+/// Runs `init` in order, each until it exits 0, restarting a failed one with back-off unless
+/// `policy` is `Never` (then the pod fails). Returns false when the pod stopped or failed.
+async fn run_init_containers(
+    ctx: &NodeContext,
+    pod: &Pod,
+    init: &[Prepared],
+    policy: &str,
+    grace: u64,
+    stopped: &mut watch::Receiver<bool>,
+) -> bool {
+    for (i, c) in init.iter().enumerate() {
+        let mut restarts = 0i32;
+        loop {
+            let mut child = match spawn(c) {
+                Ok(child) => child,
+                Err(e) => {
+                    warn!(error = %e, "spawning init container");
+                    patch_status(ctx, pod, json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()})).await;
+                    return false;
+                }
+            };
+            let pid = child.id().unwrap_or_default();
+            for m in &c.mounts {
+                ctx.volume_users.add(&m.host, pid);
+            }
+            info!(pid, container = %c.name, "init container started");
+            patch_status(ctx, pod, json!({
+                "phase": "Pending", "hostIP": ctx.ip.to_string(), "conditions": pod_conditions(false, false),
+                "initContainerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "restartCount": restarts, "state": {"running": {"startedAt": now_rfc3339()}}}],
+            }))
+            .await;
+            let exit = tokio::select! {
+                status = child.wait() => status.ok(),
+                _ = until_stopped(stopped) => terminate(pid, grace, &mut child).await,
+            };
+            ctx.volume_users.remove_pid(pid);
+            if *stopped.borrow() {
+                return false;
+            }
+            let code = exit.and_then(|s| s.code()).unwrap_or(137);
+            info!(pid, container = %c.name, code, "init container exited");
+            if code == 0 {
+                break;
+            }
+            if policy == "Never" {
+                patch_status(ctx, pod, json!({"phase": "Failed", "reason": "InitContainerFailed", "message": format!("init container {} ({} of {}) exited with {code}", c.name, i + 1, init.len())})).await;
+                return false;
+            }
+            restarts += 1;
+            let backoff = Duration::from_millis(250u64.saturating_mul(1 << restarts.clamp(0, 10)))
+                .min(MAX_BACKOFF);
+            patch_status(ctx, pod, json!({
+                "conditions": pod_conditions(false, false),
+                "initContainerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {backoff:?} restarting failed init container (exit {code})")}}}],
+            }))
+            .await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = until_stopped(stopped) => return false,
+            }
+        }
+    }
+    true
 }
 
 /// Resolves once the pod's stop has been requested.
@@ -677,7 +753,15 @@ async fn volume_host_path(
 }
 
 /// Resolves env, volumes, image and identity for each container of the pod.
-async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<Vec<Prepared>, PodError> {
+/// A pod's containers, ready to start.
+struct PreparedPod {
+    /// `initContainers`, in order.
+    init: Vec<Prepared>,
+    /// `containers`.
+    main: Vec<Prepared>,
+}
+
+async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<PreparedPod, PodError> {
     let spec = pod.spec.clone().unwrap_or_default();
     let ns = pod.namespace().unwrap_or_default();
     let pod_dir = ctx.pods_dir().join(format!(
@@ -718,9 +802,17 @@ async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<Vec<Prepared>, PodError
                 .status();
         }
     }
-    let mut out = Vec::new();
+    let mut out = PreparedPod {
+        init: Vec::new(),
+        main: Vec::new(),
+    };
+    for c in spec.init_containers.iter().flatten() {
+        out.init
+            .push(prepare_container(ctx, pod, &pod_dir, c, &volumes, &pod_sc).await?);
+    }
     for c in &spec.containers {
-        out.push(prepare_container(ctx, pod, &pod_dir, c, &volumes, &pod_sc).await?);
+        out.main
+            .push(prepare_container(ctx, pod, &pod_dir, c, &volumes, &pod_sc).await?);
     }
     Ok(out)
 }
@@ -896,34 +988,38 @@ async fn container_env(
                         }
                     }
                 } else if let Some(k) = &from.config_map_key_ref {
-                    let cm = cms
-                        .get(&k.name)
-                        .await
-                        .map_err(|x| env_err(&e.name, x.to_string()))?;
-                    cm.data
-                        .unwrap_or_default()
-                        .get(&k.key)
-                        .cloned()
-                        .ok_or_else(|| {
-                            env_err(
+                    // `optional: true`: a missing ConfigMap or key leaves the variable unset.
+                    let optional = k.optional == Some(true);
+                    let value = match cms.get_opt(&k.name).await {
+                        Ok(cm) => cm.and_then(|cm| cm.data.unwrap_or_default().remove(&k.key)),
+                        Err(x) => return Err(env_err(&e.name, x.to_string())),
+                    };
+                    match value {
+                        Some(v) => v,
+                        None if optional => continue,
+                        None => {
+                            return Err(env_err(
                                 &e.name,
                                 format!("key {} not in configmap {}", k.key, k.name),
-                            )
-                        })?
+                            ))
+                        }
+                    }
                 } else if let Some(k) = &from.secret_key_ref {
-                    let s = secrets
-                        .get(&k.name)
-                        .await
-                        .map_err(|x| env_err(&e.name, x.to_string()))?;
-                    let bytes = s
-                        .data
-                        .unwrap_or_default()
-                        .get(&k.key)
-                        .map(|b| b.0.clone())
-                        .ok_or_else(|| {
-                            env_err(&e.name, format!("key {} not in secret {}", k.key, k.name))
-                        })?;
-                    String::from_utf8_lossy(&bytes).into_owned()
+                    let optional = k.optional == Some(true);
+                    let value = match secrets.get_opt(&k.name).await {
+                        Ok(s) => s.and_then(|s| s.data.unwrap_or_default().remove(&k.key)),
+                        Err(x) => return Err(env_err(&e.name, x.to_string())),
+                    };
+                    match value {
+                        Some(bytes) => String::from_utf8_lossy(&bytes.0).into_owned(),
+                        None if optional => continue,
+                        None => {
+                            return Err(env_err(
+                                &e.name,
+                                format!("key {} not in secret {}", k.key, k.name),
+                            ))
+                        }
+                    }
                 } else {
                     String::new()
                 }

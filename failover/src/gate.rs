@@ -1,0 +1,182 @@
+//! `ferry-gate`: the init container that keeps an app's pod from starting at a site that does
+//! not hold the pair's witness lease.
+//!
+//! A Kubernetes kubelet starts a pod's containers again on its own after a node reboot or a
+//! whole site coming back from a power cut, before any controller has looked at the cluster.
+//! For a DR pair that failed over meanwhile, that would run the app at both sites. So the
+//! pods of a protected app carry this init container (image `ghcr.io/ferry-dr/ferry-gate`):
+//! it exits 0 only once the pair's site-local Lease ([`crate::lease`]) says this site may run
+//! the app, and waits otherwise. The site agent writes that Lease only after the witness
+//! quorum renewed the lease at the pair's current epoch, and deletes it when it fences or
+//! demotes the site.
+//!
+//! ```yaml
+//! initContainers:
+//!   - name: ferry-gate
+//!     image: ghcr.io/ferry-dr/ferry-gate:0.1.0
+//!     args: ["--pair", "ledger"]
+//!     env:
+//!       - name: POD_NAMESPACE
+//!         valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+//! ```
+//!
+//! The service account needs `get` on `leases` in the app's namespace.
+
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+
+use crate::lease::{lease_name, run_until};
+
+/// How often the gate looks at the Lease.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Waits until this site may run the app of a DR pair, then exits 0.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-gate", version, about)]
+struct Cli {
+    /// The DRPair's name.
+    #[arg(long, env = "FERRY_PAIR")]
+    pair: String,
+    /// The app's (and the DRPair's) namespace.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+}
+
+/// Why the gate is still closed, as it tells the pod's log.
+#[derive(Debug, PartialEq, Eq)]
+enum Closed {
+    /// No Lease: the site never held the lease, or fenced or demoted itself.
+    NoLease,
+    /// The Lease lacks the run-until annotation.
+    Unreadable,
+    /// The Lease ended at this instant (RFC 3339).
+    Ended(String),
+    /// The API server did not answer.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closed::NoLease => write!(f, "this site holds no witness lease on the pair (not active here, fenced, or demoted)"),
+            Closed::Unreadable => write!(f, "the Lease has no {} annotation", crate::lease::RUN_UNTIL_ANNOTATION),
+            Closed::Ended(at) => write!(f, "this site's lease ended at {at}; waiting for a renewal"),
+            Closed::Unreachable(e) => write!(f, "reading the Lease: {e}"),
+        }
+    }
+}
+
+/// Whether `lease` lets the app start at `now`.
+fn check(lease: Option<&Lease>, now: SystemTime) -> Result<SystemTime, Closed> {
+    let lease = lease.ok_or(Closed::NoLease)?;
+    let until = run_until(lease).ok_or(Closed::Unreadable)?;
+    if until > now {
+        Ok(until)
+    } else {
+        Err(Closed::Ended(
+            humantime::format_rfc3339_millis(until).to_string(),
+        ))
+    }
+}
+
+async fn wait_open(client: &Client, namespace: &str, pair: &str) -> SystemTime {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let name = lease_name(pair);
+    let mut last: Option<Closed> = None;
+    loop {
+        let verdict = match api.get_opt(&name).await {
+            Ok(lease) => check(lease.as_ref(), SystemTime::now()),
+            Err(e) => Err(Closed::Unreachable(e.to_string())),
+        };
+        match verdict {
+            Ok(until) => return until,
+            Err(closed) => {
+                if last.as_ref() != Some(&closed) {
+                    eprintln!("ferry-gate: {namespace}/{pair}: {closed}");
+                    last = Some(closed);
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Runs the command line `args` (the first is the program name); returns the exit code.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("ferry-gate: starting the runtime: {e}");
+            return 1;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match Client::try_default().await {
+            Ok(client) => client,
+            Err(e) => {
+                eprintln!("ferry-gate: connecting to the Kubernetes API: {e}");
+                return 1;
+            }
+        };
+        tokio::select! {
+            until = wait_open(&client, &cli.namespace, &cli.pair) => {
+                println!(
+                    "ferry-gate: {}/{}: this site holds the witness lease until {}; starting the app",
+                    cli.namespace,
+                    cli.pair,
+                    humantime::format_rfc3339_millis(until)
+                );
+                0
+            }
+            () = ferry_replicator::cli::shutdown_signal() => 143,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease_until(t: Option<SystemTime>) -> Lease {
+        let mut lease = Lease::default();
+        if let Some(t) = t {
+            lease.metadata.annotations = Some(
+                [(
+                    crate::lease::RUN_UNTIL_ANNOTATION.to_string(),
+                    humantime::format_rfc3339_micros(t).to_string(),
+                )]
+                .into(),
+            );
+        }
+        lease
+    }
+
+    #[test]
+    fn opens_only_before_the_run_until_instant() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let later = now + Duration::from_secs(3);
+        assert_eq!(check(Some(&lease_until(Some(later))), now), Ok(later));
+        assert!(matches!(
+            check(Some(&lease_until(Some(now))), now),
+            Err(Closed::Ended(_))
+        ));
+        assert_eq!(check(None, now), Err(Closed::NoLease));
+        assert_eq!(
+            check(Some(&lease_until(None)), now),
+            Err(Closed::Unreadable)
+        );
+    }
+}
