@@ -1,6 +1,10 @@
 //! The Migration controller: drives a planned migration of a DR pair from the site where it is
 //! active to its peer, one idempotent phase at a time.
 //!
+//! A `Failback` is the same migration, back to the pair's primary site after a failover: the
+//! replication that ran since from the secondary to the (demoted) primary shipped only the
+//! blocks that differed from its own volumes, and the final sync closes the gap.
+//!
 //! Pending → Quiescing → FinalSync → Promoting → Instantiating → Completed (or Failed). The
 //! phase is recorded in the Migration's status before the work of that phase starts, and each
 //! phase's work can run again safely, so a controller killed at any point resumes where it
@@ -171,16 +175,19 @@ pub(crate) fn seconds_since(t: &Time) -> f64 {
 
 /// Snapshots the app's PVCs at this (old source) site as the seed of `generation`: replica
 /// snapshots labelled `ferry.dev/seed=true`, which this site's replicator adopts as its newest
-/// committed generation when the first sync back arrives.
+/// committed generation when the first sync back arrives. `diverged` when the volumes hold
+/// writes after `generation` that the peer never received (a demotion after a failover):
+/// the peer then plans against this site's scan of them.
 pub(crate) async fn seed(
     client: &Client,
     pair: &DRPair,
     namespace: &str,
     generation: u64,
+    diverged: bool,
 ) -> Result<(), ReconcileError> {
     use ferry_replicator::cluster::movers::PAIR_LABEL;
     use ferry_replicator::cluster::replicas::{
-        generation_snapshot, GENERATION_LABEL, ROLE_LABEL, SEED_LABEL, VOLUME_LABEL,
+        generation_snapshot, DIVERGED_LABEL, GENERATION_LABEL, ROLE_LABEL, SEED_LABEL, VOLUME_LABEL,
     };
     let pair_name = pair.name_any();
     let app = ferry_replicator::manifests::capture(client, namespace, &pair.spec.selector)
@@ -197,6 +204,7 @@ pub(crate) async fn seed(
             (GENERATION_LABEL.to_string(), generation.to_string()),
             (VOLUME_LABEL.to_string(), claim.clone()),
             (SEED_LABEL.to_string(), "true".to_string()),
+            (DIVERGED_LABEL.to_string(), diverged.to_string()),
         ]);
         let name = generation_snapshot(&pair_name, &claim, generation);
         ferry_replicator::cluster::volumes::snapshot_claim(
@@ -264,6 +272,11 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
                         ),
                     )
                     .await;
+            }
+            if migration.spec.type_ == ferry_schemas::migration::MigrationType::Failback
+                && target != pair.spec.primary_site
+            {
+                return step.fail(R::InvalidSpec, format!("spec.type: a Failback returns the app to its primary site {}, but the pair is active there already (spec.targetSite {target}); use type Planned", pair.spec.primary_site)).await;
             }
             if let Err(errors) = pair.spec.validate(None) {
                 return step
@@ -351,7 +364,7 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
                 .ok_or_else(|| ReconcileError("status.generation missing in Promoting".into()))?;
             // The app's volumes here hold exactly the final generation: keep them as its seed,
             // so replication back from the target starts with a delta, not a full copy.
-            seed(&ctx.client, &pair, &namespace, generation).await?;
+            seed(&ctx.client, &pair, &namespace, generation, false).await?;
             if let Some(quorum) = &ctx.quorum {
                 // The quorum first: the move is one raft entry, and the old epoch's lease dies
                 // with it.

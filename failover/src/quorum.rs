@@ -7,19 +7,23 @@
 //!    here and its capture time (what a failover *to* this site would start from);
 //! 3. acts on a newer epoch a witness reports: a `Failover` decision naming this site becomes a
 //!    Migration of type Failover here (see [`crate::takeover`]); any failover naming the other
-//!    site demotes this one (app scaled to zero, volumes kept as the failback seed, status
-//!    epoch and active site updated; it never starts the app again on its own);
-//! 4. renews the lease of each pair active here, and *fences* the site when the lease cannot
-//!    be renewed: the app is scaled to zero [`Quorum::fence_lead`] before the lease ends, counted from
-//!    when the last successful renewal was *sent*, on this site's monotonic clock. The witnesses
-//!    count the same lease from when they granted it (later) plus a skew margin, so the site is
-//!    down before any witness may promote its peer (docs/failover.md gives the argument).
+//!    site demotes this one (app scaled to zero, volumes kept, status epoch and active site
+//!    updated; it never starts the app again on its own);
+//! 4. renews the lease of each pair active here and mirrors it in the site-local Lease that
+//!    gates the app's pods ([`crate::lease`]), and *fences* the site when the lease cannot be
+//!    renewed: the Lease is deleted and the app scaled to zero [`Quorum::fence_lead`] before
+//!    the lease ends, counted from when the last successful renewal was *sent*, on this
+//!    site's monotonic clock. The witnesses count the same lease from when they granted it
+//!    (later) plus a skew margin, so the site is down before any witness may promote its peer
+//!    (docs/failover.md gives the argument).
 //!
-//! A pair owned by a running Migration (phase `Migrating`) is left to the Migration controller.
+//! A pair that is not active here is kept quiesced here, with no Lease. A pair owned by a
+//! running Migration (phase `Migrating`) is left to the Migration controller; the agent only
+//! keeps its lease renewed, so the app's pods may start at the target.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ferry_replicator::cluster::status::PairStatus;
 use ferry_schemas::conditions::{
@@ -74,6 +78,24 @@ struct PairLease {
     valid_until: Option<Instant>,
     last_renewal: Option<Instant>,
     registered: Option<RegisterPairRequest>,
+    /// Whether the site-local Lease exists (`None`: not known since this agent started).
+    mirrored: Option<bool>,
+}
+
+impl PairLease {
+    /// Deletes the site-local Lease unless known to be gone already.
+    async fn revoke(&mut self, client: &kube::Client, pair: &DRPair) -> Result<(), kube::Error> {
+        if self.mirrored != Some(false) {
+            crate::lease::revoke(
+                client,
+                &pair.namespace().unwrap_or_default(),
+                &pair.name_any(),
+            )
+            .await?;
+            self.mirrored = Some(false);
+        }
+        Ok(())
+    }
 }
 
 /// Runs the agent until the process ends.
@@ -172,12 +194,12 @@ async fn tick(
     for pair in &pairs {
         let key = pair_key(pair);
         let st = pair.status.clone().unwrap_or_default();
-        if st.phase == Some(PairPhase::Migrating) {
-            continue;
-        }
+        let ns = pair.namespace().unwrap_or_default();
+        // A running Migration moves statuses and the app; the agent only keeps the lease.
+        let migrating = st.phase == Some(PairPhase::Migrating);
         let local_epoch = st.epoch.map(|e| e.0).unwrap_or(1);
         let qs = known.get(&key);
-        if let Some(qs) = qs.filter(|q| q.epoch > local_epoch) {
+        if let Some(qs) = qs.filter(|q| q.epoch > local_epoch && !migrating) {
             let decision = qs.history.iter().rev().find(|d| d.epoch == qs.epoch);
             let kind = decision.map(|d| d.kind.as_str()).unwrap_or("");
             if kind == "Migration" {
@@ -188,6 +210,11 @@ async fn tick(
                     ensure_failover_migration(ctx, pair, qs.epoch).await?;
                 }
             } else {
+                leases
+                    .entry(key.clone())
+                    .or_default()
+                    .revoke(&ctx.client, pair)
+                    .await?;
                 demote(ctx, status, pair, qs).await?;
             }
             continue;
@@ -201,14 +228,16 @@ async fn tick(
         if let Some(qs) = qs {
             conditions.push(blocked_condition(pair, qs));
         }
+        if active != ctx.site && !migrating {
+            // A site that is not active runs none of the app: a returning old primary whose
+            // pods restarted with the site, or one that learned the new epoch from a
+            // replicated generation before any heartbeat told it (no write when already quiet).
+            lease.revoke(&ctx.client, pair).await?;
+            quiesce::quiesce(&ctx.client, &ns, &pair.spec.selector).await?;
+        }
         if active != ctx.site || lease.registered.is_none() {
             let _ = status
-                .patch(
-                    &pair.namespace().unwrap_or_default(),
-                    &pair.name_any(),
-                    json!({}),
-                    &conditions,
-                )
+                .patch(&ns, &pair.name_any(), json!({}), &conditions)
                 .await;
             continue;
         }
@@ -276,6 +305,7 @@ async fn renew(
         .is_none_or(|t| t.elapsed() >= quorum.lease / 4);
     if due {
         let sent = Instant::now();
+        let sent_wall = SystemTime::now();
         let request = RenewLeaseRequest {
             pair: pair_key(pair),
             site: ctx.site.clone(),
@@ -286,6 +316,16 @@ async fn renew(
             Ok(_) => {
                 lease.valid_until = Some(sent + quorum.lease);
                 lease.last_renewal = Some(sent);
+                // The app's pods may start here until this site would fence itself.
+                let held = crate::lease::Held {
+                    site: &ctx.site,
+                    epoch,
+                    renewed: sent_wall,
+                    duration: quorum.lease,
+                    run_until: sent_wall + quorum.lease - quorum.fence_lead(),
+                };
+                crate::lease::record(&ctx.client, &ns, &name, &held).await?;
+                lease.mirrored = Some(true);
             }
             Err(e) if e.code() == Code::FailedPrecondition => {
                 // A newer epoch exists: the next heartbeat names it and demotes this site.
@@ -299,11 +339,17 @@ async fn renew(
         }
     }
     let phase = pair.status.as_ref().and_then(|s| s.phase);
+    if phase == Some(PairPhase::Migrating) {
+        // The Migration owns the app; its pods start only while the Lease above is fresh.
+        status.patch(&ns, &name, json!({}), &conditions).await?;
+        return Ok(());
+    }
     // A controller that (re)starts without a lease holds none: the first renewal must succeed.
     let valid_until = lease.valid_until.unwrap_or_else(Instant::now);
     let fenced = phase == Some(PairPhase::Fenced);
     if Instant::now() + quorum.fence_lead() >= valid_until {
         if !fenced {
+            lease.revoke(&ctx.client, pair).await?;
             quiesce::quiesce(&ctx.client, &ns, &pair.spec.selector).await?;
             let message = format!("site {} could not renew its witness lease on {}: the app is scaled to zero here until the lease is held again", ctx.site, pair_key(pair));
             conditions.push((T::Ready, S::False, R::Fenced, message.clone()));
@@ -335,8 +381,8 @@ async fn renew(
     Ok(())
 }
 
-/// This site was superseded: stop the app for good, keep its volumes as the seed of a later
-/// failback, and take the quorum's epoch and active site.
+/// This site was superseded: stop the app for good, keep its volumes, and take the quorum's
+/// epoch and active site.
 async fn demote(
     ctx: &Context,
     status: &PairStatus,
@@ -345,11 +391,16 @@ async fn demote(
 ) -> Result<(), kube::Error> {
     let ns = pair.namespace().unwrap_or_default();
     quiesce::quiesce(&ctx.client, &ns, &pair.spec.selector).await?;
+    // The volumes are kept as a *diverged* seed: the app ran here after the newest generation
+    // the other site holds, so they equal none of its generations. Replication back plans
+    // against this site's scan of them and ships only the blocks that differ. The seed must
+    // exist before the status below names the new active site: this site's replicator refuses
+    // the new epoch's syncs until then.
     let st = pair.status.clone().unwrap_or_default();
     if let Some(generation) = st.generation {
-        if let Err(e) = crate::migration::seed(&ctx.client, pair, &ns, generation.0).await {
-            tracing::warn!(pair = %pair_key(pair), error = %e, "keeping the volumes as a failback seed");
-        }
+        crate::migration::seed(&ctx.client, pair, &ns, generation.0, true)
+            .await
+            .map_err(|e| kube::Error::Service(e.to_string().into()))?;
     }
     let message = format!(
         "the witness quorum moved {} to site {} at epoch {}: this site is demoted, its app stays scaled to zero and its volumes are kept for failback",

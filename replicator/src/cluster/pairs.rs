@@ -21,7 +21,7 @@ use super::capture::capture_generation;
 use super::movers::MoverPods;
 use super::status::PairStatus;
 use crate::delta::HashStore;
-use crate::destination::{CommittedGeneration, DestinationObserver, PairKey, Rejection};
+use crate::destination::{CommittedGeneration, DestinationObserver, PairKey, Rejection, SiteView};
 use crate::metrics::{Metrics, PairLabels};
 use crate::source::{committed_state, ship, Faults, RpoSchedule, ShipRequest};
 use crate::tls::TlsMaterial;
@@ -384,7 +384,7 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                     "lastSyncTime": rfc3339(SystemTime::now()),
                     "lastCaptureTime": rfc3339(capture_time),
                     "lastSyncDurationSeconds": (duration.as_secs_f64() * 1000.0).round() / 1000.0,
-                    "lastSyncBytes": report.bytes_shipped,
+                    "lastSyncBytes": report.bytes_shipped + report.base_index_bytes,
                     "currentLagSeconds": (lag * 10.0).round() / 10.0,
                     "rpoMet": lag <= valid.rpo.as_secs_f64(),
                     "observedGeneration": pair.metadata.generation,
@@ -396,7 +396,7 @@ async fn worker(ctx: SiteContext, key: PairKey) {
                     fields["phase"] = json!("Replicating");
                 }
                 let _ = ctx.status.patch(&key.namespace, &key.name, fields, &[
-                    (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer}: {} bytes in {:.1}s", report.bytes_shipped, duration.as_secs_f64())),
+                    (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer}: {} bytes in {:.1}s{}", report.bytes_shipped + report.base_index_bytes, duration.as_secs_f64(), if report.base_index_bytes > 0 { format!(" (of which {} bytes of {peer}'s index of its diverged seed)", report.base_index_bytes) } else { String::new() })),
                     (T::PeerReachable, S::True, R::PeerResponding, format!("replicator of site {peer} at {endpoint}")),
                     (T::RpoMet, S::True, R::WithinRpo, format!("lag {lag:.0}s, rpo {}s", valid.rpo.as_secs())),
                     (T::Ready, S::True, R::Protected, format!("generation {generation} is complete at {peer}")),
@@ -545,15 +545,14 @@ impl SiteObserver {
 
 #[tonic::async_trait]
 impl DestinationObserver for SiteObserver {
-    async fn site_epoch(&self, pair: &PairKey) -> Option<u64> {
+    async fn site_view(&self, pair: &PairKey) -> Option<SiteView> {
         let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
-        api.get_opt(&pair.name)
-            .await
-            .ok()
-            .flatten()?
-            .status?
-            .epoch
-            .map(|e| e.0)
+        let status = api.get_opt(&pair.name).await.ok().flatten()?.status?;
+        Some(SiteView {
+            epoch: status.epoch.map(|e| e.0).unwrap_or(0),
+            active_here: status.active_site.as_deref() == Some(self.site.as_str()),
+            active_site: status.active_site,
+        })
     }
 
     async fn rejected(&self, pair: &PairKey, rejection: &Rejection) {
@@ -578,6 +577,7 @@ impl DestinationObserver for SiteObserver {
     async fn committed(
         &self,
         pair: &PairKey,
+        source_site: &str,
         generation: &CommittedGeneration,
         pair_json: &[u8],
         manifests_json: &[u8],
@@ -607,8 +607,10 @@ impl DestinationObserver for SiteObserver {
             .duration_since(capture)
             .unwrap_or_default()
             .as_secs_f64();
+        // The sender is the active site of the generation's epoch (the destination checked).
         let fields = json!({
             "epoch": generation.epoch,
+            "activeSite": source_site,
             "generation": generation.generation,
             "lastSyncTime": rfc3339(SystemTime::now()),
             "lastCaptureTime": rfc3339(capture),

@@ -19,7 +19,7 @@ use super::movers::{MoverPods, PAIR_LABEL};
 use super::volumes::{
     create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
 };
-use crate::destination::{PairKey, ReplicaError, ReplicaStore, VolumeSpec};
+use crate::destination::{PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
 use crate::mover::MoverSession;
 
 /// Label: the generation a snapshot or manifests Secret belongs to.
@@ -31,6 +31,9 @@ pub const ROLE_LABEL: &str = "ferry.dev/role";
 /// Label: `true` on snapshots a promotion took of the old source's own PVCs (see
 /// [`ReplicaStore::seed`]).
 pub const SEED_LABEL: &str = "ferry.dev/seed";
+/// Label of a seed snapshot whose copy holds writes the peer never received (`"true"`), see
+/// [`crate::destination::Seed::diverged`].
+pub const DIVERGED_LABEL: &str = "ferry.dev/seed-diverged";
 /// Key of the manifests in a generation's Secret.
 pub const MANIFESTS_KEY: &str = "manifests.json";
 
@@ -212,27 +215,27 @@ impl ReplicaStore for KubeReplicas {
             })
     }
 
-    async fn seed(
-        &self,
-        pair: &PairKey,
-    ) -> Result<Option<(u64, BTreeMap<String, String>)>, ReplicaError> {
+    async fn seed(&self, pair: &PairKey) -> Result<Option<Seed>, ReplicaError> {
         let selector = format!(
             "{PAIR_LABEL}={},{ROLE_LABEL}=replica,{SEED_LABEL}=true",
             pair.name
         );
-        let mut by_generation: BTreeMap<u64, BTreeMap<String, String>> = BTreeMap::new();
+        let mut by_generation: BTreeMap<u64, Seed> = BTreeMap::new();
         for (name, labels) in list_snapshots(&self.client, &pair.namespace, &selector).await? {
             let generation = labels
                 .get(GENERATION_LABEL)
                 .and_then(|g| g.parse::<u64>().ok());
             if let (Some(g), Some(volume)) = (generation, labels.get(VOLUME_LABEL)) {
-                by_generation
-                    .entry(g)
-                    .or_default()
-                    .insert(volume.clone(), name);
+                let seed = by_generation.entry(g).or_insert_with(|| Seed {
+                    generation: g,
+                    snapshots: BTreeMap::new(),
+                    diverged: false,
+                });
+                seed.snapshots.insert(volume.clone(), name);
+                seed.diverged |= labels.get(DIVERGED_LABEL).map(String::as_str) == Some("true");
             }
         }
-        Ok(by_generation.pop_last())
+        Ok(by_generation.pop_last().map(|(_, seed)| seed))
     }
 
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError> {

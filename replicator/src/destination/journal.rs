@@ -18,6 +18,10 @@ pub struct CommittedGeneration {
     /// Volume (source PVC name) → where the replica keeps that volume's copy of this
     /// generation (a VolumeSnapshot name, or a directory for the local store).
     pub snapshots: std::collections::BTreeMap<String, String>,
+    /// The copies are a diverged seed (see [`crate::destination::Seed`]): only this site's
+    /// own scan of them says what they hold.
+    #[serde(default)]
+    pub diverged: bool,
 }
 
 /// What the journal holds for one pair.

@@ -7,5 +7,5 @@ pub mod replicas;
 pub mod service;
 
 pub use journal::{CommittedGeneration, Journal, JournalError, PairRecord};
-pub use replicas::{LocalReplicas, PairKey, ReplicaError, ReplicaStore, VolumeSpec};
-pub use service::{Destination, DestinationObserver, NoObserver, Rejection};
+pub use replicas::{LocalReplicas, PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
+pub use service::{Destination, DestinationObserver, NoObserver, Rejection, SiteView};

@@ -36,6 +36,22 @@ pub struct VolumeSpec {
     pub capacity: String,
 }
 
+/// Copies of the app's own volumes at a site the app ran at, kept so that replication back to
+/// that site ships a delta instead of a full copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seed {
+    /// The generation they stand for: the final generation of a planned migration, or, for a
+    /// diverged seed, the newest generation this site knew the peer had committed.
+    pub generation: u64,
+    /// Volume (source PVC name) → copy name.
+    pub snapshots: BTreeMap<String, String>,
+    /// The copies hold writes the peer never received (the app ran here after `generation`,
+    /// as at an old primary after a failover), so they equal no generation: a source must
+    /// plan against this site's own index of them (`BaseIndex`). Without the flag they hold
+    /// exactly `generation` (the app stopped before its final capture).
+    pub diverged: bool,
+}
+
 /// Failures of a replica store; each names the volume or generation.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -95,14 +111,10 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Deletes copies and manifests of every generation of `pair` not in `keep`.
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError>;
 
-    /// The newest **seed** of `pair`, if any: copies of a generation this site did not
-    /// receive but holds anyway, because the app ran here until that generation was taken
-    /// (a migration's old source, seeded by the controller at promotion). Returns the
-    /// generation and volume → copy name. Adopting a seed lets the first sync back be a delta.
-    async fn seed(
-        &self,
-        _pair: &PairKey,
-    ) -> Result<Option<(u64, BTreeMap<String, String>)>, ReplicaError> {
+    /// The newest **seed** of `pair`, if any: copies this site did not receive but holds
+    /// anyway, because the app ran here (see [`Seed`]). Adopting a seed lets the first sync
+    /// back be a delta.
+    async fn seed(&self, _pair: &PairKey) -> Result<Option<Seed>, ReplicaError> {
         Ok(None)
     }
 }

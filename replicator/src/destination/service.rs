@@ -7,15 +7,16 @@
 //! `Commit` finishes and verifies every volume, takes the point-in-time copies, stores the
 //! manifests and then writes the journal: that flushed write is the commit point. A crash
 //! anywhere before it leaves the previous generation as the newest, untouched; the staging
-//! copies are reset from it on the next `Begin`.
+//! copies are reset from it on the next `Begin`. `BaseIndex` scans a copy this site holds
+//! but never received whole (a diverged seed), so the source can plan its delta against it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ferry_schemas::proto::replication::{
-    chunk_ack, replication_server::Replication, BeginRequest, BeginResponse, ChunkAck,
-    ChunkMessage, CommitRequest, CommitResponse, StateRequest, StateResponse, SyncHeader,
-    VolumeResume,
+    chunk_ack, replication_server::Replication, BaseIndexRequest, BaseIndexResponse, BeginRequest,
+    BeginResponse, ChunkAck, ChunkMessage, CommitRequest, CommitResponse, StateRequest,
+    StateResponse, SyncHeader, VolumeResume,
 };
 use tokio::sync::{mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,7 +32,8 @@ use crate::mover::{ApplyOutcome, MoverSession};
 /// for Events and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    /// `StaleEpoch`, `ChunkCorrupt`, `BaseMismatch`, `StagingFailed` or `CommitFailed`.
+    /// `StaleEpoch`, `NotDemoted`, `ChunkCorrupt`, `BaseMismatch`, `StagingFailed` or
+    /// `CommitFailed`.
     pub reason: &'static str,
     /// One line naming the cause.
     pub message: String,
@@ -41,23 +43,37 @@ pub struct Rejection {
 /// have no-op defaults.
 #[tonic::async_trait]
 pub trait DestinationObserver: Send + Sync + 'static {
-    /// The pair's epoch as this site records it (its DRPair status), if any: a sync under an
-    /// older epoch is refused even if the journal never saw the newer one.
-    async fn site_epoch(&self, _pair: &PairKey) -> Option<u64> {
+    /// The pair's epoch and active site as this site records them (its DRPair status), if
+    /// any: a sync under an older epoch is refused even if the journal never saw the newer
+    /// one, and so is a sync at this site's epoch from a site other than its active one.
+    async fn site_view(&self, _pair: &PairKey) -> Option<SiteView> {
         None
     }
     /// A sync was refused or failed.
     async fn rejected(&self, _pair: &PairKey, _rejection: &Rejection) {}
-    /// A generation committed; `pair_json` is the DRPair as the source declared it and
-    /// `manifests_json` the generation's manifests.
+    /// A generation committed, shipped by `source_site` (the active site of its epoch);
+    /// `pair_json` is the DRPair as the source declared it and `manifests_json` the
+    /// generation's manifests.
     async fn committed(
         &self,
         _pair: &PairKey,
+        _source_site: &str,
         _generation: &CommittedGeneration,
         _pair_json: &[u8],
         _manifests_json: &[u8],
     ) {
     }
+}
+
+/// What a destination's site records of a pair: its epoch and the site active at it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SiteView {
+    /// The epoch in the site's DRPair status (0 when none).
+    pub epoch: u64,
+    /// The active site in that status, if set.
+    pub active_site: Option<String>,
+    /// Whether that active site is this (the destination's) site.
+    pub active_here: bool,
 }
 
 /// An observer that does nothing.
@@ -154,7 +170,7 @@ impl Destination {
     /// Adopts the pair's seed (see [`ReplicaStore::seed`]) when it is newer than anything
     /// committed: it becomes the newest committed generation.
     async fn adopt_seed(&self, pair: &PairKey, record: &mut PairRecord) -> Result<(), Status> {
-        let Some((generation, snapshots)) = self
+        let Some(seed) = self
             .replicas
             .seed(pair)
             .await
@@ -162,17 +178,19 @@ impl Destination {
         else {
             return Ok(());
         };
+        let generation = seed.generation;
         if record.newest().is_some_and(|g| g.generation >= generation) {
             return Ok(());
         }
-        tracing::info!(pair = %pair, generation, "adopting the seed left by a promotion");
+        tracing::info!(pair = %pair, generation, diverged = seed.diverged, "adopting the seed of this site's own volumes");
         record.committed.insert(
             0,
             CommittedGeneration {
                 generation,
                 epoch: record.epoch,
                 capture_time_unix_seconds: 0.0,
-                snapshots,
+                snapshots: seed.snapshots,
+                diverged: seed.diverged,
             },
         );
         record.committed.truncate(self.retain);
@@ -201,15 +219,19 @@ impl Destination {
         status
     }
 
-    /// Refuses `epoch` when older than what the journal or the site knows.
+    /// Refuses a sync under `header`'s epoch when it is older than what the journal or the
+    /// site knows, or when it is the site's epoch but the site records another site as active
+    /// at it: only the active site of an epoch ships under it (a returning old primary that
+    /// learned the epoch number but not its demotion must not overwrite the new primary).
     async fn check_epoch(
         &self,
         pair: &PairKey,
         record: &PairRecord,
-        epoch: u64,
+        header: &SyncHeader,
     ) -> Result<(), Status> {
-        let site = self.observer.site_epoch(pair).await.unwrap_or(0);
-        let known = record.epoch.max(site);
+        let site = self.observer.site_view(pair).await.unwrap_or_default();
+        let known = record.epoch.max(site.epoch);
+        let epoch = header.epoch;
         if epoch < known {
             let status = Status::failed_precondition(format!(
                 "stale epoch {epoch} for pair {pair}: this site knows epoch {known}; \
@@ -217,7 +239,83 @@ impl Destination {
             ));
             return Err(self.reject(pair, "StaleEpoch", status).await);
         }
+        if site.active_here && epoch > site.epoch {
+            // An old primary back after a failover: until its controller has demoted it (app
+            // stopped, volumes kept as a seed), nothing may overwrite them.
+            let status = Status::unavailable(format!(
+                "this site still records itself as the active site of pair {pair} at epoch {}; \
+                 it accepts epoch {epoch} once demoted",
+                site.epoch
+            ));
+            return Err(self.reject(pair, "NotDemoted", status).await);
+        }
+        if let Some(active) = site
+            .active_site
+            .filter(|a| epoch == site.epoch && *a != header.source_site)
+        {
+            let status = Status::failed_precondition(format!(
+                "stale epoch {epoch} for pair {pair}: site {active} is the active site at epoch \
+                 {epoch}, not the sender {}",
+                header.source_site
+            ));
+            return Err(self.reject(pair, "StaleEpoch", status).await);
+        }
         Ok(())
+    }
+
+    /// Scans one volume of the newest committed generation's copy through a mover on the
+    /// staging volume (reset to that copy) and returns its block index: what a source plans
+    /// against when the copy is a diverged seed. Any live sync of the pair is abandoned.
+    async fn scan_base(&self, request: BaseIndexRequest) -> Result<BaseIndexResponse, Status> {
+        let (pair, header) = pair_of(request.header.as_ref())?;
+        let volume = request
+            .volume
+            .ok_or_else(|| Status::invalid_argument("volume: required"))?;
+        let key = pair.to_string();
+        let mut record = self
+            .journal
+            .load(&key)
+            .map_err(|e| internal("journal", e))?;
+        self.check_epoch(&pair, &record, header).await?;
+        self.adopt_seed(&pair, &mut record).await?;
+        let newest = record.newest().cloned().ok_or_else(|| {
+            Status::failed_precondition(format!("pair {pair} has no committed generation here"))
+        })?;
+        let copy = newest.snapshots.get(&volume.volume).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "volume {} is not in generation {} of pair {pair}",
+                volume.volume, newest.generation
+            ))
+        })?;
+        self.live.lock().await.remove(&pair);
+        self.replicas
+            .release(&pair)
+            .await
+            .map_err(|e| internal("releasing movers", e))?;
+        let spec = VolumeSpec {
+            volume: volume.volume.clone(),
+            block: volume.block,
+            capacity: volume.capacity.clone(),
+        };
+        let mut session = self
+            .replicas
+            .stage(&pair, &spec, Some(copy), true)
+            .await
+            .map_err(|e| internal("staging the base copy", e))?;
+        let index = session
+            .index(Generation(newest.generation), volume.block)
+            .await
+            .map_err(|e| internal(&format!("scanning volume {}", volume.volume), e))?;
+        drop(session);
+        self.replicas
+            .release(&pair)
+            .await
+            .map_err(|e| internal("releasing movers", e))?;
+        tracing::info!(pair = %pair, volume = %volume.volume, generation = newest.generation, "scanned the base copy for the source");
+        Ok(BaseIndexResponse {
+            generation: newest.generation,
+            index: postcard::to_stdvec(&index).map_err(|e| internal("encoding the index", e))?,
+        })
     }
 
     async fn begin_sync(&self, request: BeginRequest) -> Result<BeginResponse, Status> {
@@ -227,7 +325,7 @@ impl Destination {
             .journal
             .load(&key)
             .map_err(|e| internal("journal", e))?;
-        self.check_epoch(&pair, &record, header.epoch).await?;
+        self.check_epoch(&pair, &record, header).await?;
         self.adopt_seed(&pair, &mut record).await?;
         let committed = record.newest().map(|g| g.generation);
         if committed.is_some_and(|c| header.generation <= c) {
@@ -429,7 +527,7 @@ impl Destination {
             .load(&key)
             .map_err(|e| internal("journal", e))?;
         // The epoch may have moved on while the generation streamed.
-        self.check_epoch(&pair, &record, header.epoch).await?;
+        self.check_epoch(&pair, &record, header).await?;
         let digests: BTreeMap<&str, &[u8]> = request
             .volumes
             .iter()
@@ -480,6 +578,7 @@ impl Destination {
             epoch: header.epoch,
             capture_time_unix_seconds: request.capture_time_unix_seconds,
             snapshots,
+            diverged: false,
         };
         record.committed.insert(0, generation.clone());
         record.committed.truncate(self.retain);
@@ -502,7 +601,13 @@ impl Destination {
             tracing::warn!(pair = %pair, error = %e, "pruning old generations failed; retrying next commit");
         }
         self.observer
-            .committed(&pair, &generation, &sync.pair_json, &request.manifests_json)
+            .committed(
+                &pair,
+                &header.source_site,
+                &generation,
+                &sync.pair_json,
+                &request.manifests_json,
+            )
             .await;
         Ok(CommitResponse {
             committed_generation: header.generation,
@@ -573,9 +678,9 @@ impl Replication for Destination {
             .load(&key.to_string())
             .map_err(|e| internal("journal", e))?;
         self.adopt_seed(&key, &mut record).await?;
-        let site = self.observer.site_epoch(&key).await.unwrap_or(0);
+        let site = self.observer.site_view(&key).await.unwrap_or_default();
         Ok(Response::new(StateResponse {
-            epoch: record.epoch.max(site),
+            epoch: record.epoch.max(site.epoch),
             generations: record
                 .committed
                 .iter()
@@ -584,8 +689,18 @@ impl Replication for Destination {
                     epoch: g.epoch,
                     capture_time_unix_seconds: g.capture_time_unix_seconds,
                     snapshots: g.snapshots.clone().into_iter().collect(),
+                    diverged: g.diverged,
                 })
                 .collect(),
         }))
+    }
+
+    async fn base_index(
+        &self,
+        request: Request<BaseIndexRequest>,
+    ) -> Result<Response<BaseIndexResponse>, Status> {
+        self.scan_base(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

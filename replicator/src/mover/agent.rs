@@ -1,7 +1,8 @@
 //! The mover's side of a session: one blocking thread that owns the mounted volume.
 //!
 //! It runs the delta engine on the volume and nothing else: a `Read` scans the volume,
-//! diffs it against the previous index it was given and streams the chunks; an `Open`,
+//! diffs it against the previous index it was given and streams the chunks (or, with
+//! `index_only`, returns just the index); an `Open`,
 //! `Apply`… `Finish` sequence applies a stream and verifies the result. It never decides what
 //! to send where; its replicator does.
 
@@ -95,6 +96,18 @@ fn read_volume(
     let index_bytes = postcard::to_stdvec(&scanned.index)
         .map_err(|e| failure(format!("encoding the index: {e}")))?;
     send(events, Event::Index(index_bytes))?;
+    if read.index_only {
+        return send(
+            events,
+            Event::ReadDone(ReadSummary {
+                blocks_scanned: scanned.index.blocks_total(),
+                bytes_scanned: scanned.index.bytes_total(),
+                bytes_changed: 0,
+                chunks: 0,
+                wire_bytes: 0,
+            }),
+        );
+    }
     let plan = diff(previous.as_ref(), &scanned.index);
     let mut stream = ChunkStream::new(&plan, &snapshot, ChunkOptions::default())
         .map_err(|e| failure(format!("planning chunks: {}", error_chain(&e))))?;

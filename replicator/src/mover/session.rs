@@ -120,10 +120,39 @@ impl MoverSession {
             previous_index,
             from_seq,
             block,
+            index_only: false,
         }))
         .await?;
         match self.next().await? {
             Event::Index(bytes) => Ok(postcard::from_bytes(&bytes)?),
+            other => Err(SessionError::Unexpected(event_name(&other))),
+        }
+    }
+
+    /// Destination side: scans the volume as `generation` and returns its block index, with
+    /// no chunks (what a source plans against when this copy is a diverged seed).
+    ///
+    /// # Errors
+    /// [`SessionError`] when the mover fails (e.g. the volume cannot be read) or goes away.
+    pub async fn index(
+        &mut self,
+        generation: Generation,
+        block: bool,
+    ) -> Result<BlockIndex, SessionError> {
+        self.send(Command::Read(ReadCommand {
+            generation: generation.0,
+            previous_index: Vec::new(),
+            from_seq: 0,
+            block,
+            index_only: true,
+        }))
+        .await?;
+        let index = match self.next().await? {
+            Event::Index(bytes) => postcard::from_bytes(&bytes)?,
+            other => return Err(SessionError::Unexpected(event_name(&other))),
+        };
+        match self.next().await? {
+            Event::ReadDone(_) => Ok(index),
             other => Err(SessionError::Unexpected(event_name(&other))),
         }
     }

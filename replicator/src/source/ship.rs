@@ -3,6 +3,9 @@
 //! The source's hash store holds, per volume, the block index of the generation the destination
 //! last committed. A delta is planned against it only when the destination confirms that
 //! generation is still its newest; otherwise the volume is sent as a full copy on the same path.
+//! When the destination's newest generation is a *diverged* seed (an old primary's own volumes
+//! after a failover), the source asks the destination for its scan of it (`BaseIndex`) and
+//! plans against that, so only the blocks that differ between the two sites travel.
 //! The new indexes are saved only after the destination acknowledges the commit, so a sync that
 //! fails anywhere leaves the store describing the destination's committed generation.
 //!
@@ -14,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::proto::replication::{
-    chunk_ack, replication_client::ReplicationClient, BeginRequest, ChunkMessage, CommitRequest,
-    StateRequest, SyncHeader, VolumeBegin, VolumeCommit,
+    chunk_ack, replication_client::ReplicationClient, BaseIndexRequest, BeginRequest, ChunkMessage,
+    CommitRequest, StateRequest, StateResponse, SyncHeader, VolumeBegin, VolumeCommit,
 };
 use ferry_schemas::proto::PairRef;
 use tokio::sync::mpsc;
@@ -94,6 +97,8 @@ pub struct ShipReport {
     pub bytes_shipped: u64,
     /// Chunks the destination refused as corrupt (and got again).
     pub chunks_rejected: u64,
+    /// Bytes of block indexes the destination sent of a diverged seed (received, not sent).
+    pub base_index_bytes: u64,
     /// Connections re-established mid-sync.
     pub reconnects: u32,
     /// Wall time from Begin to the commit acknowledgement.
@@ -149,15 +154,11 @@ fn transient(status: &tonic::Status) -> bool {
     )
 }
 
-/// The destination's newest committed generation and its epoch for `pair`.
-///
-/// # Errors
-/// [`ShipError::Destination`] when the destination cannot be asked.
-pub async fn committed_state(
+async fn destination_state(
     client: &mut ReplicationClient<Channel>,
     pair: &PairKey,
-) -> Result<(Option<u64>, u64), ShipError> {
-    let state = client
+) -> Result<StateResponse, ShipError> {
+    Ok(client
         .state(StateRequest {
             pair: Some(PairRef {
                 namespace: pair.namespace.clone(),
@@ -166,8 +167,62 @@ pub async fn committed_state(
         })
         .await
         .map_err(ShipError::Destination)?
-        .into_inner();
+        .into_inner())
+}
+
+/// The destination's newest committed generation and its epoch for `pair`.
+///
+/// # Errors
+/// [`ShipError::Destination`] when the destination cannot be asked.
+pub async fn committed_state(
+    client: &mut ReplicationClient<Channel>,
+    pair: &PairKey,
+) -> Result<(Option<u64>, u64), ShipError> {
+    let state = destination_state(client, pair).await?;
     Ok((state.generations.first().map(|g| g.generation), state.epoch))
+}
+
+/// The destination's own index of `volume` in its newest committed generation, which must be
+/// `generation`; `None` when it holds no copy of that volume (a full copy then). Returns the
+/// index and its size on the wire.
+async fn base_index(
+    client: &mut ReplicationClient<Channel>,
+    header: &SyncHeader,
+    volume: &SourceVolume,
+    generation: u64,
+) -> Result<Option<(BlockIndex, u64)>, ShipError> {
+    let reply = client
+        .base_index(BaseIndexRequest {
+            header: Some(header.clone()),
+            volume: Some(VolumeBegin {
+                volume: volume.spec.volume.clone(),
+                block: volume.spec.block,
+                base_generation: None,
+                size_bytes: volume.size_bytes,
+                capacity: volume.spec.capacity.clone(),
+            }),
+        })
+        .await;
+    let reply = match reply {
+        Ok(r) => r.into_inner(),
+        Err(s)
+            if s.code() == tonic::Code::FailedPrecondition
+                && !s.message().starts_with("stale epoch") =>
+        {
+            return Ok(None)
+        }
+        Err(s) => return Err(refused_or_failed(s)),
+    };
+    let index: BlockIndex = postcard::from_bytes(&reply.index).map_err(|e| {
+        ShipError::Refused(format!(
+            "the destination's index of volume {} does not decode: {e}",
+            volume.spec.volume
+        ))
+    })?;
+    Ok(
+        (reply.generation == generation && index.generation.0 == generation)
+            .then_some((index, reply.index.len() as u64)),
+    )
 }
 
 struct Stream {
@@ -193,7 +248,9 @@ pub async fn ship(
     faults: &Faults,
 ) -> Result<ShipReport, ShipError> {
     let started = Instant::now();
-    let (committed, _) = committed_state(client, &request.pair).await?;
+    let state = destination_state(client, &request.pair).await?;
+    let newest = state.generations.first();
+    let committed = newest.map(|g| g.generation);
     let header = SyncHeader::new(
         &request.pair.namespace,
         &request.pair.name,
@@ -201,14 +258,28 @@ pub async fn ship(
         request.epoch,
         &request.source_site,
     );
-    // Plan each volume against the destination's committed generation, or send it whole.
+    let mut report = ShipReport {
+        generation: request.generation,
+        ..ShipReport::default()
+    };
+    // Plan each volume against the destination's committed generation, or send it whole. A
+    // diverged seed holds writes this site never saw: only the destination's scan describes it.
     let mut previous: BTreeMap<String, Option<BlockIndex>> = BTreeMap::new();
     for volume in &volumes {
-        let key = VolumeKey::new(request.pair.to_string(), volume.spec.volume.clone());
-        let base = hashes
-            .load(&key)?
-            .into_previous()
-            .filter(|index| Some(index.generation.0) == committed);
+        let base = match newest {
+            Some(g) if g.diverged => {
+                let scanned = base_index(client, &header, volume, g.generation).await?;
+                report.base_index_bytes += scanned.as_ref().map_or(0, |(_, len)| *len);
+                scanned.map(|(index, _)| index)
+            }
+            _ => {
+                let key = VolumeKey::new(request.pair.to_string(), volume.spec.volume.clone());
+                hashes
+                    .load(&key)?
+                    .into_previous()
+                    .filter(|index| Some(index.generation.0) == committed)
+            }
+        };
         previous.insert(volume.spec.volume.clone(), base);
     }
     let begin = BeginRequest {
@@ -235,10 +306,6 @@ pub async fn ship(
         .into_iter()
         .map(|v| (v.volume, v.next_seq))
         .collect();
-    let mut report = ShipReport {
-        generation: request.generation,
-        ..ShipReport::default()
-    };
     let mut stream = open_stream(client).await.map_err(ShipError::Destination)?;
     let mut indexes: BTreeMap<String, BlockIndex> = BTreeMap::new();
     for volume in volumes.iter_mut() {
