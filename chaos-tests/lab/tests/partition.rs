@@ -4,26 +4,10 @@
 
 mod e2e;
 
-use std::process::Command;
-
 use ferry_schemas::DRPair;
 use kube::api::Api;
 
-use e2e::{eventually, setup, Lab, NS};
-
-fn site(action: &str, name: &str, lab: &Lab) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(["site", action, name, "--dir"])
-        .arg(&lab.0)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use e2e::{eventually, lab_control, setup, Lab, NS};
 
 fn condition(pair: &DRPair, type_: &str) -> Option<(String, String)> {
     pair.status
@@ -41,7 +25,7 @@ async fn a_partitioned_site_loses_its_peer_until_healed() {
     let (a, b) = setup(&lab.0).await;
     let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
 
-    let said = site("partition", "a", &lab);
+    let said = lab_control("site", "partition", "a", &lab.0);
     assert!(said.contains("site a: partitioned from b"), "{said}");
     let message = eventually("the peer unreachable from a", || async {
         let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
@@ -69,7 +53,7 @@ async fn a_partitioned_site_loses_its_peer_until_healed() {
         .unwrap()
         .generation;
 
-    let said = site("heal", "a", &lab);
+    let said = lab_control("site", "heal", "a", &lab.0);
     assert!(said.contains("healed"), "{said}");
     let after = eventually("replication resumed after heal", || async {
         let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
