@@ -208,7 +208,12 @@ pub(crate) async fn seed(
         ]);
         let name = generation_snapshot(&pair_name, &claim, generation);
         ferry_replicator::cluster::volumes::snapshot_claim(
-            client, namespace, &name, &claim, &labels,
+            client,
+            namespace,
+            &name,
+            &claim,
+            &labels,
+            &Default::default(),
         )
         .await
         .map_err(|e| ReconcileError(format!("seeding {claim}: {e}")))?;

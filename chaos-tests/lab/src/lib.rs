@@ -12,12 +12,15 @@
 #![allow(clippy::result_large_err)]
 
 pub mod apiserver;
+pub mod chaos;
 pub mod demo;
 pub mod images;
 pub mod install;
 pub mod kubeconfig;
+pub mod ledger_app;
 pub mod links;
 pub mod node;
 pub mod site;
 pub mod sites;
+pub mod wait;
 pub mod witnesses;

@@ -108,6 +108,23 @@ enum Cmd {
         #[arg(long, default_value_t = 40)]
         observe_seconds: u64,
     },
+    /// Seeded random chaos runs against automatic failover, each checked against the DR
+    /// invariants; exits non-zero if any run broke one (its seed and a replay command are
+    /// printed).
+    Chaos {
+        /// Number of runs.
+        #[arg(long, default_value_t = 50)]
+        runs: u64,
+        /// Seed of the first run (run r uses seed + r; default: from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Faults per run.
+        #[arg(long, default_value_t = 6)]
+        steps: u32,
+        /// Where to put the runs' labs (default: the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run one site in the foreground (what `up` starts in the background).
     Serve {
         /// Lab directory.
@@ -244,6 +261,29 @@ fn run(cli: Cli) -> Result<()> {
                 tokio::runtime::Runtime::new()?.block_on(ferry_lab::demo::run(&options))?;
             if !report.ok() {
                 anyhow::bail!("the demo's checks failed (see the report above)");
+            }
+            Ok(())
+        }
+        Cmd::Chaos {
+            runs,
+            seed,
+            steps,
+            dir,
+        } => {
+            let seed = seed.unwrap_or_else(|| ferry_lab::node::timeline::now_ms());
+            println!("chaos: {runs} runs from seed {seed}, {steps} faults each");
+            let options = ferry_lab::chaos::ChaosOptions {
+                runs,
+                seed,
+                steps,
+                dir,
+                exe: None,
+            };
+            let reports =
+                tokio::runtime::Runtime::new()?.block_on(ferry_lab::chaos::run(&options))?;
+            let failed = reports.iter().filter(|r| !r.ok()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {runs} chaos runs broke an invariant (see above)");
             }
             Ok(())
         }

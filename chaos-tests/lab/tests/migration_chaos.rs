@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_lab::node::timeline::{first_overlap, read, running_intervals, TimelineEvent};
+use ferry_lab::node::timeline::{first_overlap, read, running_intervals, running_pid};
 use ferry_lab::sites::SiteLayout;
 use ferry_schemas::Migration;
 use futures::StreamExt;
@@ -25,17 +25,7 @@ use e2e::{eventually, setup, Lab, NS, T};
 /// The pid of the running ferry-controller process at `site`, from the site's timeline.
 fn controller_pid(lab: &Path, site: &str) -> Option<u32> {
     let entries = read(&SiteLayout::in_lab(lab, site).timeline()).ok()?;
-    let mut running = None;
-    for e in entries {
-        if e.namespace == "ferry-system" && e.pod.starts_with("ferry-controller-") {
-            match e.event {
-                TimelineEvent::Start => running = e.pid,
-                TimelineEvent::Stop if e.pid == running => running = None,
-                _ => {}
-            }
-        }
-    }
-    running
+    running_pid(&entries, "ferry-system", "ferry-controller-")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

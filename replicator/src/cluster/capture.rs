@@ -158,7 +158,17 @@ async fn snapshot_and_mount(
     let requests = shapes.keys().map(|claim| {
         let name = snapshot_name(claim);
         let labels = labels(claim);
-        async move { snapshot_claim(client, &pair.namespace, &name, claim, &labels).await }
+        async move {
+            snapshot_claim(
+                client,
+                &pair.namespace,
+                &name,
+                claim,
+                &labels,
+                &BTreeMap::new(),
+            )
+            .await
+        }
     });
     cleanup.snapshots = shapes.keys().map(|c| snapshot_name(c)).collect();
     for result in futures::future::join_all(requests).await {

@@ -19,6 +19,7 @@ use super::movers::{MoverPods, PAIR_LABEL};
 use super::volumes::{
     create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
 };
+use crate::delta::VolumeDigest;
 use crate::destination::{PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
 use crate::mover::MoverSession;
 
@@ -34,6 +35,9 @@ pub const SEED_LABEL: &str = "ferry.dev/seed";
 /// Label of a seed snapshot whose copy holds writes the peer never received (`"true"`), see
 /// [`crate::destination::Seed::diverged`].
 pub const DIVERGED_LABEL: &str = "ferry.dev/seed-diverged";
+/// Annotation of a replica snapshot: the hex BLAKE3 volume digest (`delta::VolumeDigest`) the
+/// source computed for the generation and the destination verified the copy against.
+pub const DIGEST_ANNOTATION: &str = "ferry.dev/volume-digest";
 /// Key of the manifests in a generation's Secret.
 pub const MANIFESTS_KEY: &str = "manifests.json";
 
@@ -166,18 +170,25 @@ impl ReplicaStore for KubeReplicas {
         pair: &PairKey,
         generation: u64,
         volumes: &[VolumeSpec],
+        digests: &BTreeMap<String, VolumeDigest>,
     ) -> Result<BTreeMap<String, String>, ReplicaError> {
         let mut names = BTreeMap::new();
         for volume in volumes {
             let name = generation_snapshot(&pair.name, &volume.volume, generation);
             // A leftover of a sync that died before its commit point is not this generation.
             delete_snapshot(&self.client, &pair.namespace, &name).await?;
+            let annotations: BTreeMap<String, String> = digests
+                .get(&volume.volume)
+                .map(|d| (DIGEST_ANNOTATION.to_string(), d.to_string()))
+                .into_iter()
+                .collect();
             snapshot_claim(
                 &self.client,
                 &pair.namespace,
                 &name,
                 &staging_claim(&pair.name, &volume.volume),
                 &Self::labels(pair, Some(generation), Some(&volume.volume)),
+                &annotations,
             )
             .await?;
             names.insert(volume.volume.clone(), name);

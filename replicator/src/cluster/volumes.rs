@@ -73,12 +73,13 @@ pub async fn snapshot_claim(
     name: &str,
     claim: &str,
     labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
 ) -> Result<(), ReplicaError> {
     let api = snapshots(client, namespace);
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1",
         "kind": "VolumeSnapshot",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
         "spec": {"source": {"persistentVolumeClaimName": claim}},
     }))
     .map_err(|e| ReplicaError::Kube(format!("building VolumeSnapshot {name}: {e}")))?;

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::delta::VolumeDigest;
 use crate::mover::MoverSession;
 
 /// A pair as `namespace/name` plus its parts.
@@ -91,13 +92,15 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Releases the movers of `pair` (after finish, before copying: nothing writes any more).
     async fn release(&self, pair: &PairKey) -> Result<(), ReplicaError>;
 
-    /// Takes the point-in-time copies of `volumes`' staging as `generation`; returns volume →
+    /// Takes the point-in-time copies of `volumes`' staging as `generation`, recording with
+    /// each the digest its content verified against (`digests`, by volume); returns volume →
     /// copy name.
     async fn snapshot(
         &self,
         pair: &PairKey,
         generation: u64,
         volumes: &[VolumeSpec],
+        digests: &BTreeMap<String, VolumeDigest>,
     ) -> Result<BTreeMap<String, String>, ReplicaError>;
 
     /// Stores the manifests (JSON array) of `generation`.
@@ -231,6 +234,7 @@ impl ReplicaStore for LocalReplicas {
         pair: &PairKey,
         generation: u64,
         volumes: &[VolumeSpec],
+        _digests: &BTreeMap<String, VolumeDigest>,
     ) -> Result<BTreeMap<String, String>, ReplicaError> {
         let dir = self.pair_dir(pair).join(format!("g{generation}"));
         // A leftover from a sync that died before its commit point is not a generation.

@@ -534,6 +534,7 @@ impl Destination {
             .map(|v| (v.volume.as_str(), v.digest.as_slice()))
             .collect();
         let mut indexes = BTreeMap::new();
+        let mut verified = BTreeMap::new();
         for (name, volume) in sync.volumes.iter_mut() {
             let digest: [u8; 32] = digests
                 .get(name.as_str())
@@ -541,6 +542,7 @@ impl Destination {
                 .ok_or_else(|| {
                     Status::invalid_argument(format!("volumes: no 32-byte digest for {name}"))
                 })?;
+            verified.insert(name.clone(), VolumeDigest(digest));
             match volume.session.finish(VolumeDigest(digest)).await {
                 Ok(Some(index)) => {
                     indexes.insert(name.clone(), index);
@@ -566,7 +568,7 @@ impl Destination {
         self.replicas.release(&pair).await.map_err(fail)?;
         let snapshots = self
             .replicas
-            .snapshot(&pair, header.generation, &specs)
+            .snapshot(&pair, header.generation, &specs, &verified)
             .await
             .map_err(fail)?;
         self.replicas

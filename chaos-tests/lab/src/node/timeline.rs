@@ -141,6 +141,22 @@ pub fn running_intervals(entries: &[TimelineEntry], app: &str) -> Vec<(u64, u64)
     out
 }
 
+/// The pid of the process of the newest running pod in `namespace` whose name starts with
+/// `pod_prefix` (e.g. `ferry-controller-`), per one site's timeline; `None` when none runs.
+pub fn running_pid(entries: &[TimelineEntry], namespace: &str, pod_prefix: &str) -> Option<u32> {
+    let mut running = None;
+    for e in entries {
+        match e.event {
+            TimelineEvent::SiteKilled => running = None,
+            _ if e.namespace != namespace || !e.pod.starts_with(pod_prefix) => {}
+            TimelineEvent::Start => running = e.pid,
+            TimelineEvent::Stop if e.pid == running => running = None,
+            TimelineEvent::Stop => {}
+        }
+    }
+    running
+}
+
 /// The first instant (ms) at which `app` ran at both sites, given their timelines, if any:
 /// what must never happen for a DR pair.
 pub fn first_overlap(site_a: &[TimelineEntry], site_b: &[TimelineEntry], app: &str) -> Option<u64> {
