@@ -85,6 +85,7 @@ impl SiteRuntime {
         for dir in [node.volumes_dir(), node.snapshots_dir(), node.pods_dir()] {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        server.serve_exec(Arc::new(node::kubelet::KubeletExec(node.clone())));
         let controllers = node::spawn_all(node.clone());
         Ok(Self {
             server,

@@ -1,9 +1,11 @@
 //! Benchmark (not a test): the second sync of a large block image after 1% random 4 KiB writes,
-//! Ferry's delta engine against rsync (local, and daemon mode over loopback), plus the full-read
-//! hashing rate of Ferry's scanner against `b3sum`.
+//! Ferry's delta engine alone and Ferry's whole replication path (gRPC with mutual TLS to a
+//! `ferry-replicator receive` process on 127.0.0.1) against rsync (local, and daemon mode over
+//! loopback), plus the full-read hashing rate of Ferry's scanner against `b3sum`.
 //!
-//! Usage: `cargo run --release -p ferry-replicator --bin ferry-delta-bench -- [--size-mib N]
-//! [--seed N] [--dir PATH] [--keep]`. Peers whose binary is absent are skipped with a message.
+//! Usage: `cargo build --release -p ferry-replicator --bins && ./target/release/ferry-delta-bench
+//! [--size-mib N] [--seed N] [--dir PATH] [--keep]`. Peers whose binary is absent are skipped
+//! with a message.
 //! Everything runs on a warm page cache (the image was just written), for every tool alike.
 //! rsync runs with `--ignore-times`: the copies it updates were made within the same second
 //! as the writes, and its size+mtime quick check would otherwise skip them.
@@ -349,6 +351,181 @@ fn rsync_daemon_row(
     })
 }
 
+/// Ferry's real replication path: `ferry-replicator receive` as its own process on 127.0.0.1
+/// (a destination keeping replicas in directories), this process as the source shipping over
+/// gRPC with mutual TLS through a counting TCP relay (bytes on the wire = TLS records both
+/// ways), an in-process mover reading the image.
+struct GrpcPath {
+    runtime: tokio::runtime::Runtime,
+    receiver: std::process::Child,
+    relay: String,
+    counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tls: ferry_replicator::tls::TlsMaterial,
+    hashes: HashStore,
+    replicas: PathBuf,
+}
+
+impl GrpcPath {
+    fn start(dir: &Path, receiver_exe: &Path) -> Result<Self> {
+        use ferry_replicator::tls::CertificateAuthority;
+        let ca = CertificateAuthority::generate("ferry-delta-bench")?;
+        let source_tls = ca.issue("source", &["127.0.0.1".into()])?;
+        let dest_dir = dir.join("grpc-dest");
+        let dest_tls = dest_dir.join("tls");
+        fs::create_dir_all(&dest_tls)?;
+        ca.issue("destination", &["127.0.0.1".into()])?
+            .write_dir(&dest_tls)?;
+        let mut receiver = Command::new(receiver_exe)
+            .args(["receive", "--listen", "127.0.0.1:0", "--tls-dir"])
+            .arg(&dest_tls)
+            .arg("--state-dir")
+            .arg(dest_dir.join("state"))
+            .arg("--replicas-dir")
+            .arg(dest_dir.join("replicas"))
+            .args(["--retain", "2"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", receiver_exe.display()))?;
+        let mut line = String::new();
+        let stdout = receiver.stdout.take().context("receiver stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let target = line
+            .trim()
+            .strip_prefix("listening on ")
+            .with_context(|| format!("receiver said {line:?}"))?
+            .to_string();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let relay = runtime.block_on(relay(target, counted.clone()))?;
+        Ok(Self {
+            runtime,
+            receiver,
+            relay,
+            counted,
+            tls: source_tls,
+            hashes: HashStore::open(dir.join("grpc-hashes"))?,
+            replicas: dest_dir.join("replicas"),
+        })
+    }
+
+    /// Ships generation `generation` of `image`; returns wall time, CPU seconds of both
+    /// processes and bytes on the wire.
+    fn ship(&self, image: &Path, generation: u64) -> Result<Row> {
+        use ferry_replicator::destination::{PairKey, VolumeSpec};
+        use ferry_replicator::mover::MoverSession;
+        use ferry_replicator::source::{ship, Faults, ShipRequest, SourceVolume};
+        let receiver_pid = self.receiver.id().to_string();
+        let (own, theirs) = (cpu_of("self")?, cpu_of(&receiver_pid)?);
+        let counted = self.counted.load(std::sync::atomic::Ordering::Relaxed);
+        let start = Instant::now();
+        let report = self.runtime.block_on(async {
+            let mut client = ferry_replicator::transport::connect_peer(&self.relay, &self.tls)?;
+            let request = ShipRequest {
+                pair: PairKey {
+                    namespace: "bench".into(),
+                    name: "image".into(),
+                },
+                generation,
+                epoch: 1,
+                source_site: "source".into(),
+                pair_json: b"{}".to_vec(),
+                manifests_json: b"[]".to_vec(),
+                capture_time_unix_seconds: generation as f64,
+            };
+            let volume = SourceVolume {
+                spec: VolumeSpec {
+                    volume: "image".into(),
+                    block: true,
+                    capacity: String::new(),
+                },
+                size_bytes: fs::metadata(image)?.len(),
+                session: MoverSession::in_process(image.to_path_buf()),
+            };
+            anyhow::Ok(
+                ship(
+                    &mut client,
+                    &self.hashes,
+                    &request,
+                    vec![volume],
+                    &Faults::default(),
+                )
+                .await?,
+            )
+        })?;
+        let wall = start.elapsed();
+        // The relay counts once the connection's bytes are through; the commit ack was.
+        let cpu_s = cpu_of("self")?.own - own.own + cpu_of(&receiver_pid)?.own - theirs.own;
+        let wire = self.counted.load(std::sync::atomic::Ordering::Relaxed) - counted;
+        let copy = self
+            .replicas
+            .join("bench/image")
+            .join(format!("g{generation}"))
+            .join("image");
+        if file_hash(&copy)? != file_hash(image)? {
+            bail!("the gRPC destination's generation {generation} differs from the source");
+        }
+        Ok(Row {
+            name: if report.volumes.values().all(|v| v.full_copy) {
+                "Ferry over gRPC + mutual TLS on 127.0.0.1, full copy (generation 1)".into()
+            } else {
+                "**Ferry over gRPC + mutual TLS on 127.0.0.1: capture read, ship, stage, verify, commit**".into()
+            },
+            wall,
+            cpu_s,
+            wire_bytes: Some(wire),
+        })
+    }
+}
+
+impl Drop for GrpcPath {
+    fn drop(&mut self) {
+        let _ = self.receiver.kill();
+        let _ = self.receiver.wait();
+    }
+}
+
+/// A TCP relay on 127.0.0.1 to `target` that adds every byte it carries (both ways) to
+/// `counted`, counting as the bytes pass.
+async fn relay(
+    target: String,
+    counted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<String> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let (target, counted) = (target.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    return;
+                };
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                let pump =
+                    |mut from: tokio::net::tcp::OwnedReadHalf,
+                     mut to: tokio::net::tcp::OwnedWriteHalf,
+                     counted: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
+                        let mut buf = vec![0u8; 256 << 10];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            counted.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        let _ = to.shutdown().await;
+                    };
+                tokio::join!(pump(ri, wo, counted.clone()), pump(ro, wi, counted));
+            });
+        }
+    });
+    Ok(addr)
+}
+
 fn mib_per_s(bytes: u64, wall: Duration) -> f64 {
     bytes as f64 / MIB as f64 / wall.as_secs_f64()
 }
@@ -430,6 +607,18 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: Some(full_wire),
     };
+    let receiver_exe = std::env::current_exe()?.with_file_name("ferry-replicator");
+    let grpc = if receiver_exe.exists() {
+        let grpc = GrpcPath::start(dir, &receiver_exe)?;
+        let first = grpc.ship(&source, 1)?;
+        Some((grpc, first))
+    } else {
+        println!(
+            "{} not found: skipping the gRPC rows (cargo build --release -p ferry-replicator --bins)",
+            receiver_exe.display()
+        );
+        None
+    };
     let rsync = has_binary("rsync");
     let rsync_local = dir.join("rsync-local.img");
     if rsync {
@@ -445,6 +634,16 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
     );
 
     let mut rows = vec![full_row];
+    if let Some((grpc, first)) = &grpc {
+        rows.push(Row {
+            name: first.name.clone(),
+            wall: first.wall,
+            cpu_s: first.cpu_s,
+            wire_bytes: first.wire_bytes,
+        });
+        rows.push(grpc.ship(&source, 2)?);
+    }
+    drop(grpc);
     let before = cpu_of("self")?;
     let start = Instant::now();
     let (wire, changed) = ferry_sync(&store, &key, &source, &ferry_target, 2, &scan_options)?;

@@ -3,8 +3,9 @@
 //!
 //! The snapshots of all volumes are requested together and only then awaited, so they are
 //! taken as close to one point as the CSI driver allows; an app that needs strict
-//! crash-consistency across volumes quiesces with `spec.hooks` (or a single volume). The
-//! manifests are listed right before the snapshots.
+//! crash-consistency across volumes quiesces with `spec.hooks` (or a single volume):
+//! `preCapture` runs in the app's pods before the snapshots, `postCapture` once they are cut
+//! (see [`super::hooks`]). The manifests are listed right before the snapshots.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
@@ -12,6 +13,7 @@ use std::time::SystemTime;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::{Api, Client};
 
+use super::hooks::{run_hook, HookPoint};
 use super::movers::{MoverPods, PAIR_LABEL};
 use super::replicas::{GENERATION_LABEL, ROLE_LABEL, VOLUME_LABEL};
 use super::volumes::{create_claim, delete_claim, delete_snapshot, snapshot_claim, ClaimShape};
@@ -74,6 +76,9 @@ pub enum CaptureError {
     /// Snapshots, restores or movers failed.
     #[error(transparent)]
     Volume(#[from] ReplicaError),
+    /// A capture hook failed (the message names the field and the pod).
+    #[error(transparent)]
+    Hook(super::hooks::HookError),
 }
 
 /// Captures generation `generation` of `pair`. On error, whatever was created is deleted
@@ -117,8 +122,47 @@ pub async fn capture_generation(
         pair: pair.name.clone(),
         ..Cleanup::default()
     };
+    // Quiesce, cut the snapshots, resume: the app pauses only while the snapshots are taken.
+    let pre = match &spec.hooks.pre_capture {
+        Some(hook) => {
+            run_hook(
+                client,
+                &pair.namespace,
+                &spec.selector,
+                hook,
+                HookPoint::PreCapture,
+            )
+            .await
+        }
+        None => Ok(Vec::new()),
+    };
     let capture_time = SystemTime::now();
-    let result = snapshot_and_mount(client, movers, pair, generation, &shapes, &mut cleanup).await;
+    let snapshots = match pre {
+        Ok(_) => snapshot(client, pair, generation, &shapes, &mut cleanup).await,
+        Err(e) => Err(CaptureError::Hook(e)),
+    };
+    if let Some(hook) = &spec.hooks.post_capture {
+        // Always, even after a failed pre-hook or snapshot: resume whatever was quiesced.
+        let post = run_hook(
+            client,
+            &pair.namespace,
+            &spec.selector,
+            hook,
+            HookPoint::PostCapture,
+        )
+        .await;
+        if let Err(e) = post {
+            if snapshots.is_ok() {
+                cleanup.run(client, movers).await;
+                return Err(CaptureError::Hook(e));
+            }
+            tracing::warn!(error = %e, "post-capture hook after a failed capture");
+        }
+    }
+    let result = match snapshots {
+        Ok(()) => mount(client, movers, pair, generation, &shapes, &mut cleanup).await,
+        Err(e) => Err(e),
+    };
     match result {
         Ok(volumes) => Ok(Captured {
             volumes,
@@ -133,28 +177,34 @@ pub async fn capture_generation(
     }
 }
 
-async fn snapshot_and_mount(
+fn source_labels(pair: &PairKey, generation: u64, volume: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (PAIR_LABEL.to_string(), pair.name.clone()),
+        (ROLE_LABEL.to_string(), "source".to_string()),
+        (GENERATION_LABEL.to_string(), generation.to_string()),
+        (VOLUME_LABEL.to_string(), volume.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "ferry-replicator".to_string(),
+        ),
+    ])
+}
+
+fn snapshot_name(pair: &PairKey, claim: &str, generation: u64) -> String {
+    format!("ferry-{}-{claim}-g{generation}-src", pair.name)
+}
+
+/// Snapshots every volume of `shapes`, returning once all are ready to use.
+async fn snapshot(
     client: &Client,
-    movers: &MoverPods,
     pair: &PairKey,
     generation: u64,
     shapes: &BTreeMap<String, ClaimShape>,
     cleanup: &mut Cleanup,
-) -> Result<Vec<SourceVolume>, CaptureError> {
-    let labels = |volume: &str| {
-        BTreeMap::from([
-            (PAIR_LABEL.to_string(), pair.name.clone()),
-            (ROLE_LABEL.to_string(), "source".to_string()),
-            (GENERATION_LABEL.to_string(), generation.to_string()),
-            (VOLUME_LABEL.to_string(), volume.to_string()),
-            (
-                "app.kubernetes.io/managed-by".to_string(),
-                "ferry-replicator".to_string(),
-            ),
-        ])
-    };
+) -> Result<(), CaptureError> {
+    let labels = |volume: &str| source_labels(pair, generation, volume);
+    let snapshot_name = |claim: &str| snapshot_name(pair, claim, generation);
     // All snapshots requested before any is awaited: one point, as far as the driver allows.
-    let snapshot_name = |claim: &str| format!("ferry-{}-{claim}-g{generation}-src", pair.name);
     let requests = shapes.keys().map(|claim| {
         let name = snapshot_name(claim);
         let labels = labels(claim);
@@ -174,6 +224,19 @@ async fn snapshot_and_mount(
     for result in futures::future::join_all(requests).await {
         result?;
     }
+    Ok(())
+}
+
+/// Restores a PVC from each volume's snapshot and starts a mover pod reading it.
+async fn mount(
+    client: &Client,
+    movers: &MoverPods,
+    pair: &PairKey,
+    generation: u64,
+    shapes: &BTreeMap<String, ClaimShape>,
+    cleanup: &mut Cleanup,
+) -> Result<Vec<SourceVolume>, CaptureError> {
+    let labels = |volume: &str| source_labels(pair, generation, volume);
     let mut volumes = Vec::new();
     for (claim, shape) in shapes {
         let restored = format!("ferry-{}-{claim}-g{generation}-read", pair.name);
@@ -183,7 +246,7 @@ async fn snapshot_and_mount(
             &pair.namespace,
             &restored,
             shape,
-            Some(&snapshot_name(claim)),
+            Some(&snapshot_name(pair, claim, generation)),
             &labels(claim),
         )
         .await?;

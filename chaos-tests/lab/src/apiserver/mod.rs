@@ -8,6 +8,7 @@
 
 pub mod discovery;
 pub mod errors;
+pub mod exec;
 pub mod lifecycle;
 pub mod objects;
 pub mod registry;
@@ -66,6 +67,8 @@ pub struct ApiState {
     pub addr: SocketAddr,
     /// Becomes `true` when the server stops; open watches end on it.
     pub stopping: tokio_watch::Receiver<bool>,
+    /// The node's side of `pods/exec`, set once the node runs ([`ApiServer::serve_exec`]).
+    pub exec: std::sync::OnceLock<Arc<dyn exec::ExecBackend>>,
 }
 
 /// A running API server. Dropping it does not stop it; call [`ApiServer::shutdown`].
@@ -129,6 +132,7 @@ impl ApiServer {
             token: config.token,
             addr,
             stopping: stopped.clone(),
+            exec: std::sync::OnceLock::new(),
         });
         lifecycle::serve_stored_crds(&state).map_err(|source| StartError::Store {
             dir: config.data_dir.clone(),
@@ -153,6 +157,11 @@ impl ApiServer {
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
         self.state.addr
+    }
+
+    /// Serves `pods/exec` through `backend` (the site's kubelet); the first call wins.
+    pub fn serve_exec(&self, backend: Arc<dyn exec::ExecBackend>) {
+        let _ = self.state.exec.set(backend);
     }
 
     /// The shared state (for in-process inspection in tests).
@@ -201,6 +210,9 @@ async fn handle(State(state): State<Arc<ApiState>>, req: Request) -> Response {
         if given != Some(expected.as_str()) {
             return error_response(&ApiError::unauthorized("Unauthorized"));
         }
+    }
+    if let Some((namespace, pod)) = exec::exec_target(parts.uri.path()) {
+        return exec::serve(state.clone(), parts, namespace, pod).await;
     }
     let body = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
         Ok(b) => b,

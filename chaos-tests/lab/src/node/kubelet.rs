@@ -56,6 +56,20 @@ pub struct Running {
 struct RunningPod {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    namespace: String,
+    name: String,
+    /// The workload container while its process runs: where `pods/exec` runs commands.
+    exec: Arc<Mutex<Option<ExecTarget>>>,
+}
+
+/// A running container as `pods/exec` needs it.
+#[derive(Clone, Debug)]
+struct ExecTarget {
+    container: String,
+    pid: u32,
+    env: BTreeMap<String, String>,
+    working_dir: Option<String>,
+    run_as: Option<(i64, Option<i64>)>,
 }
 
 /// Errors preparing or starting a pod.
@@ -163,8 +177,19 @@ async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
         return;
     }
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(supervise(ctx.clone(), pod, stopped));
-    running.insert(uid, RunningPod { stop, task });
+    let exec = Arc::new(Mutex::new(None));
+    let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    let task = tokio::spawn(supervise(ctx.clone(), pod, stopped, exec.clone()));
+    running.insert(
+        uid,
+        RunningPod {
+            stop,
+            task,
+            namespace,
+            name,
+            exec,
+        },
+    );
 }
 
 /// A pod marked for deletion: stop its processes (SIGTERM, SIGKILL after the grace period),
@@ -325,7 +350,12 @@ fn pod_conditions(initialized: bool, ready: bool) -> serde_json::Value {
 
 /// Runs one pod until it completes or is stopped.
 #[tracing::instrument(skip_all, fields(site = %ctx.site, namespace = %pod.namespace().unwrap_or_default(), pod = %pod.name_any()))]
-async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver<bool>) {
+async fn supervise(
+    ctx: Arc<NodeContext>,
+    pod: Pod,
+    mut stopped: watch::Receiver<bool>,
+    exec: Arc<Mutex<Option<ExecTarget>>>,
+) {
     // Volumes may not be ready yet (a claim still binding): retry, as the kubelet does,
     // reporting ContainerCreating; an image outside the catalog will not appear, so wait.
     let containers = loop {
@@ -406,6 +436,13 @@ async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver
             ctx.volume_users.add(&m.host, pid);
         }
         timeline(&ctx, &pod, TimelineEvent::Start, Some(pid), None);
+        *exec.lock().expect("kubelet lock poisoned") = Some(ExecTarget {
+            container: c.name.clone(),
+            pid,
+            env: c.env.clone(),
+            working_dir: c.working_dir.clone(),
+            run_as: c.run_as,
+        });
         info!(pid, container = %c.name, "started");
         let started_at = now_rfc3339();
         patch_status(&ctx, &pod, json!({
@@ -421,6 +458,7 @@ async fn supervise(ctx: Arc<NodeContext>, pod: Pod, mut stopped: watch::Receiver
             }
         };
         ctx.volume_users.remove_pid(pid);
+        *exec.lock().expect("kubelet lock poisoned") = None;
         let exit_text = exit.map(|s| s.to_string());
         timeline(
             &ctx,
@@ -528,6 +566,100 @@ async fn run_init_containers(
         }
     }
     true
+}
+
+/// The kubelet's side of `pods/exec`: runs a command in a running pod's workload container,
+/// with the container's environment and, as root, inside its mount namespace (`nsenter`) as
+/// its user, so paths such as a volume's `mountPath` resolve as in the container. Without root
+/// it runs on the host with the container's (rewritten) environment. The command has
+/// [`EXEC_TIMEOUT`] to finish; the caller's own timeout should be shorter.
+pub struct KubeletExec(pub Arc<NodeContext>);
+
+/// Longest an exec may run before the kubelet kills it.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl crate::apiserver::exec::ExecBackend for KubeletExec {
+    fn exec(
+        &self,
+        namespace: String,
+        pod: String,
+        container: Option<String>,
+        command: Vec<String>,
+    ) -> crate::apiserver::exec::ExecFuture {
+        let ctx = self.0.clone();
+        Box::pin(async move {
+            use lab_apimachinery::status::ApiError;
+            let target = {
+                let pods = ctx.running.pods.lock().expect("kubelet lock poisoned");
+                let running = pods
+                    .values()
+                    .find(|r| r.namespace == namespace && r.name == pod)
+                    .ok_or_else(|| ApiError::not_found("", "pods", &pod))?;
+                let target = running.exec.lock().expect("kubelet lock poisoned").clone();
+                target
+            };
+            let target = target.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "pod {pod} does not have a host assigned or its container is not running"
+                ))
+            })?;
+            if let Some(c) = container.filter(|c| *c != target.container) {
+                return Err(ApiError::bad_request(format!(
+                    "container {c} is not valid for pod {pod} (the lab runs container {})",
+                    target.container
+                )));
+            }
+            let mut cmd = if is_root() {
+                let mut cmd = tokio::process::Command::new("nsenter");
+                cmd.args(["--target", &target.pid.to_string(), "--mount", "--"]);
+                if let Some((uid, gid)) = target.run_as {
+                    let gid = gid.unwrap_or(uid);
+                    cmd.args([
+                        "setpriv".to_string(),
+                        format!("--reuid={uid}"),
+                        format!("--regid={gid}"),
+                        "--clear-groups".into(),
+                        "--".into(),
+                    ]);
+                }
+                cmd.args(&command);
+                cmd
+            } else {
+                let mut cmd = tokio::process::Command::new(&command[0]);
+                cmd.args(&command[1..]);
+                cmd
+            };
+            if let Some(dir) = &target.working_dir {
+                cmd.current_dir(dir);
+            }
+            cmd.env_clear()
+                .env(
+                    "PATH",
+                    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+                )
+                .envs(&target.env)
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            let output = tokio::time::timeout(EXEC_TIMEOUT, cmd.output())
+                .await
+                .map_err(|_| {
+                    ApiError::internal(format!("command {command:?} ran over {EXEC_TIMEOUT:?}"))
+                })?
+                .map_err(|e| {
+                    ApiError::internal(format!("starting {:?} in pod {pod}: {e}", command[0]))
+                })?;
+            use std::os::unix::process::ExitStatusExt;
+            let exit_code = output
+                .status
+                .code()
+                .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(9));
+            Ok(crate::apiserver::exec::ExecOutput {
+                stdout: output.stdout,
+                stderr: output.stderr,
+                exit_code,
+            })
+        })
+    }
 }
 
 /// Resolves once the pod's stop has been requested.
