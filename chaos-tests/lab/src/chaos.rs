@@ -177,9 +177,13 @@ pub struct FailoverFigures {
     pub epoch: u64,
     /// The generation it started from.
     pub generation: u64,
-    /// From the lost site's last heartbeat to the Failover Migration's creation (the quorum's
-    /// detection and decision, plus one agent tick), seconds.
-    pub detection_seconds: f64,
+    /// From the lost site's last heartbeat to the quorum's committed decision (detection by a
+    /// majority and the failover rule: lease + margin, siteLossTimeout), seconds; 0 when the
+    /// monitor did not see the decision's record.
+    pub decision_seconds: f64,
+    /// From the lost site's last heartbeat to the Failover Migration's creation at the site
+    /// taking over (the decision plus the agent noticing it), seconds.
+    pub takeover_seconds: f64,
     /// The Migration's `rtoSeconds`: the lost site's last heartbeat to the app ready.
     pub rto_seconds: f64,
     /// The Migration's `dataLossSeconds`.
@@ -224,6 +228,8 @@ struct Observed {
     samples: Vec<Sample>,
     /// (epoch, active site) of every decision the quorum reported.
     decisions: BTreeSet<(u64, String)>,
+    /// Failover decisions by epoch: (last heard from the lost site, decided at), Unix ms.
+    decided: BTreeMap<u64, (i64, i64)>,
     /// Failover Migrations already checked, by `site/name`.
     checked: BTreeSet<String>,
     failovers: Vec<FailoverFigures>,
@@ -327,17 +333,16 @@ fn print_summary(reports: &[RunReport]) {
         },
         failovers.len()
     );
-    let mut detection: Vec<f64> = failovers.iter().map(|f| f.detection_seconds).collect();
-    let mut rto: Vec<f64> = failovers.iter().map(|f| f.rto_seconds).collect();
-    let mut loss: Vec<f64> = failovers.iter().map(|f| f.data_loss_seconds).collect();
-    for (name, values) in [
-        (
-            "detection + decision (last heartbeat -> Failover Migration)",
-            &mut detection,
-        ),
-        ("RTO (last heartbeat -> app ready)", &mut rto),
-        ("data-loss window", &mut loss),
+    let figures = |f: fn(&FailoverFigures) -> f64| -> Vec<f64> {
+        failovers.iter().map(|x| f(x)).filter(|v| *v > 0.0).collect()
+    };
+    for (name, mut values) in [
+        ("decision (last heartbeat -> committed decision)", figures(|f| f.decision_seconds)),
+        ("takeover start (last heartbeat -> Failover Migration)", figures(|f| f.takeover_seconds)),
+        ("RTO (last heartbeat -> app ready)", figures(|f| f.rto_seconds)),
+        ("data-loss window", figures(|f| f.data_loss_seconds)),
     ] {
+        let values = &mut values;
         if let Some((median, max)) = stats(values) {
             println!("   {name}: median {median:.1} s, max {max:.1} s");
         }
@@ -490,6 +495,10 @@ async fn monitor(dir: PathBuf, a: Client, b: Client, observed: Arc<Mutex<Observe
                         o.decisions.insert((p.epoch, p.active_site.clone()));
                         for d in &p.history {
                             o.decisions.insert((d.epoch, d.to_site.clone()));
+                            if d.kind == "Failover" && d.last_heard_unix_ms > 0 {
+                                o.decided
+                                    .insert(d.epoch, (d.last_heard_unix_ms, d.decided_at_unix_ms));
+                            }
                         }
                     }
                 }
@@ -563,11 +572,18 @@ async fn check_failovers(a: &Client, b: &Client, observed: &Arc<Mutex<Observed>>
                     "{key}: promoted replica of generation {generation}: {e:#}"
                 ));
             }
+            let epoch = status.epoch.map(|e| e.0).unwrap_or(0);
+            let decision_seconds = o
+                .decided
+                .get(&epoch)
+                .map(|(heard, decided)| (decided - heard) as f64 / 1000.0)
+                .unwrap_or(0.0);
             o.failovers.push(FailoverFigures {
                 site: site.to_string(),
-                epoch: status.epoch.map(|e| e.0).unwrap_or(0),
+                epoch,
                 generation,
-                detection_seconds: if lost_at > 0.0 {
+                decision_seconds,
+                takeover_seconds: if lost_at > 0.0 {
                     (created - lost_at) / 1000.0
                 } else {
                     0.0

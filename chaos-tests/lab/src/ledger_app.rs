@@ -44,6 +44,12 @@ impl Protection {
         automatic: true,
         gated: true,
     };
+    /// For manual failovers: as [`Protection::AUTOMATIC`], with `mode: Manual`.
+    pub const MANUAL: Protection = Protection {
+        lease: "8s",
+        automatic: false,
+        gated: true,
+    };
     /// The pair's `spec.failover.siteLossTimeout` when automatic, seconds.
     pub const SITE_LOSS_TIMEOUT_SECONDS: u64 = 10;
 }
