@@ -7,7 +7,7 @@ use ferry_schemas::proto::witness::raft_peer_server::RaftPeerServer;
 use ferry_schemas::proto::witness::witness_server::WitnessServer;
 use ferry_tls::{server_tls_config, TlsMaterial};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::node::{self, NodeConfig, NodeError, NodeHandle};
@@ -54,7 +54,10 @@ pub async fn serve(
             RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20),
         )
         .add_service(WitnessServer::new(WitnessService::new(node, rule)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

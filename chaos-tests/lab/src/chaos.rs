@@ -334,12 +334,25 @@ fn print_summary(reports: &[RunReport]) {
         failovers.len()
     );
     let figures = |f: fn(&FailoverFigures) -> f64| -> Vec<f64> {
-        failovers.iter().map(|x| f(x)).filter(|v| *v > 0.0).collect()
+        failovers
+            .iter()
+            .map(|x| f(x))
+            .filter(|v| *v > 0.0)
+            .collect()
     };
     for (name, mut values) in [
-        ("decision (last heartbeat -> committed decision)", figures(|f| f.decision_seconds)),
-        ("takeover start (last heartbeat -> Failover Migration)", figures(|f| f.takeover_seconds)),
-        ("RTO (last heartbeat -> app ready)", figures(|f| f.rto_seconds)),
+        (
+            "decision (last heartbeat -> committed decision)",
+            figures(|f| f.decision_seconds),
+        ),
+        (
+            "takeover start (last heartbeat -> Failover Migration)",
+            figures(|f| f.takeover_seconds),
+        ),
+        (
+            "RTO (last heartbeat -> app ready)",
+            figures(|f| f.rto_seconds),
+        ),
         ("data-loss window", figures(|f| f.data_loss_seconds)),
     ] {
         let values = &mut values;

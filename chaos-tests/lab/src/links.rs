@@ -225,6 +225,9 @@ async fn proxy(
         }
         let task = tokio::spawn(async move {
             if let Ok(mut outbound) = TcpStream::connect(target).await {
+                // As a router forwards packets: no Nagle delay added to small messages.
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
             }
         });

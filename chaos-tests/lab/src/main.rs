@@ -278,7 +278,7 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             dir,
         } => {
-            let seed = seed.unwrap_or_else(|| ferry_lab::node::timeline::now_ms());
+            let seed = seed.unwrap_or_else(ferry_lab::node::timeline::now_ms);
             println!("chaos: {runs} runs from seed {seed}, {steps} faults each");
             let options = ferry_lab::chaos::ChaosOptions {
                 runs,

@@ -7,7 +7,10 @@
 //!   `b` is promoted, and after the heal it learns the new epoch and never starts the app;
 //! - witness losses: one of three down changes nothing; two down fail over nothing, the pair
 //!   reports `WitnessQuorumLost`, `a` fences itself when its lease ends and resumes when the
-//!   quorum is back.
+//!   quorum is back;
+//! - manual mode: a lost site is not failed over on its own (`FailoverBlocked`, reason
+//!   `ManualMode`); a person's Failover Migration is refused without a quorum and carried
+//!   out with one.
 //!
 //! Every test checks the sites' timelines: the app never runs at both sites at once. The
 //! scenarios run one at a time (each is a whole lab on a 2-core machine).
@@ -305,6 +308,111 @@ async fn witness_losses_one_changes_nothing_two_fail_over_nothing() {
             Some(t) if t > back_at => Ok(()),
             other => Err(format!("last start {other:?}")),
         }
+    })
+    .await;
+    assert_never_at_both_sites(&lab.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_fails_over_only_on_a_migration_and_only_with_a_quorum() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (_a, b) = setup_with(&lab.0, &Protection::MANUAL).await;
+    lab_control("site", "kill", "a", &lab.0);
+
+    // Longer than an automatic failover would take: nothing moves, and b says why.
+    let migrations: Api<Migration> = Api::namespaced(b.clone(), NS);
+    let window =
+        Duration::from_secs(Protection::SITE_LOSS_TIMEOUT_SECONDS) + LEASE + Duration::from_secs(2);
+    let deadline = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < deadline {
+        let list = migrations.list(&Default::default()).await.unwrap();
+        assert!(
+            list.items.is_empty(),
+            "no failover on its own in Manual mode: {:?}",
+            list.items
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let p = pair_at(&b).await.unwrap();
+    assert_eq!(
+        condition(&p, "FailoverBlocked"),
+        Some(("True".into(), "ManualMode".into()))
+    );
+
+    let failover = |name: &str| -> Migration {
+        serde_json::from_value(
+            serde_json::json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "Migration",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"pair": "ledger", "targetSite": "b", "type": "Failover"}}),
+        )
+        .unwrap()
+    };
+    // Without a quorum the request is refused.
+    lab_control("witness", "kill", "1", &lab.0);
+    lab_control("witness", "kill", "2", &lab.0);
+    migrations
+        .create(&Default::default(), &failover("by-hand-1"))
+        .await
+        .unwrap();
+    let refused = eventually("the first request refused", || async {
+        let m = migrations
+            .get("by-hand-1")
+            .await
+            .map_err(|e| e.to_string())?;
+        let s = m.status.unwrap_or_default();
+        match s.phase.map(|p| p.as_str().to_string()).as_deref() {
+            Some("Failed") => Ok(s.conditions),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let failed = refused
+        .iter()
+        .find(|c| c.type_ == "Failed")
+        .expect("Failed condition");
+    println!(
+        "refused without a quorum: {}: {}",
+        failed.reason, failed.message
+    );
+    assert_eq!(failed.reason, "QuorumUnavailable");
+    assert!(
+        last_start(&timelines(&lab.0).1).is_none(),
+        "nothing ran at b"
+    );
+
+    // With the quorum back, the same request is carried out.
+    lab_control("witness", "start", "1", &lab.0);
+    lab_control("witness", "start", "2", &lab.0);
+    migrations
+        .create(&Default::default(), &failover("by-hand-2"))
+        .await
+        .unwrap();
+    let done = eventually("the second request carried out", || async {
+        let m = migrations
+            .get("by-hand-2")
+            .await
+            .map_err(|e| e.to_string())?;
+        let s = m.status.clone().unwrap_or_default();
+        match s.phase.map(|p| p.as_str().to_string()).as_deref() {
+            Some("Completed") => Ok(s),
+            Some("Failed") => panic!("manual failover failed: {:?}", s.conditions),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    println!(
+        "manual failover: epoch {:?}, generation {:?}, rtoSeconds {:?}, dataLossSeconds {:?}",
+        done.epoch, done.generation, done.rto_seconds, done.data_loss_seconds
+    );
+    let (promoted, intact) = generation_tip(&b, done.generation.unwrap().0).await;
+    assert!(intact);
+    eventually("the writer commits at b", || async {
+        let tip = live_tip(&b).await;
+        (tip.n > promoted.n)
+            .then_some(())
+            .ok_or(format!("tip {}", tip.n))
     })
     .await;
     assert_never_at_both_sites(&lab.0);

@@ -383,7 +383,11 @@ impl GrpcPath {
             .arg("--replicas-dir")
             .arg(dest_dir.join("replicas"))
             .args(["--retain", "2"])
-            .env("RUST_LOG", "warn")
+            // FERRY_BENCH_RECEIVER_LOG=info shows where the destination spends its time.
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRY_BENCH_RECEIVER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", receiver_exe.display()))?;
@@ -504,6 +508,8 @@ async fn relay(
                 let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
                     return;
                 };
+                let _ = inbound.set_nodelay(true);
+                let _ = outbound.set_nodelay(true);
                 let (ri, wi) = inbound.into_split();
                 let (ro, wo) = outbound.into_split();
                 let pump =

@@ -439,6 +439,7 @@ impl Destination {
                 chunks_rejected: 0,
             },
         );
+        tracing::debug!(generation = header.generation, "staging ready");
         Ok(BeginResponse {
             volumes: resume,
             committed_generation: committed,
@@ -557,6 +558,7 @@ impl Destination {
                 }
             }
         }
+        tracing::debug!(pair = %pair, generation = header.generation, "volumes verified");
         let specs: Vec<VolumeSpec> = sync.volumes.values().map(|v| v.spec.clone()).collect();
         drop(sync.volumes);
         let fail = |e: super::replicas::ReplicaError| {
@@ -571,6 +573,7 @@ impl Destination {
             .snapshot(&pair, header.generation, &specs, &verified)
             .await
             .map_err(fail)?;
+        tracing::debug!(pair = %pair, generation = header.generation, "copies taken");
         self.replicas
             .store_manifests(&pair, header.generation, &request.manifests_json)
             .await

@@ -141,7 +141,9 @@ pub async fn attach_and_serve(
     root: PathBuf,
 ) -> Result<(), AttachError> {
     let endpoint = tonic::transport::Endpoint::from_shared(address.to_string())
-        .map_err(|_| AttachError::Address(address.to_string()))?;
+        .map_err(|_| AttachError::Address(address.to_string()))?
+        .initial_stream_window_size(crate::transport::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::transport::CONNECTION_WINDOW_BYTES);
     let channel = endpoint
         .connect()
         .await
