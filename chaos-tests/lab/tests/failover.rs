@@ -44,13 +44,9 @@ async fn pair_at(client: &Client) -> Result<DRPair, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A condition's (status, reason).
 fn condition(pair: &DRPair, type_: &str) -> Option<(String, String)> {
-    pair.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone()))
+    e2e::condition(pair, type_).map(|c| (c.status, c.reason))
 }
 
 fn phase(pair: &DRPair) -> String {

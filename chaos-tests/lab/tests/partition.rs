@@ -9,13 +9,9 @@ use kube::api::Api;
 
 use e2e::{eventually, lab_control, setup, Lab, NS};
 
+/// A condition's (status, message).
 fn condition(pair: &DRPair, type_: &str) -> Option<(String, String)> {
-    pair.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.message.clone()))
+    e2e::condition(pair, type_).map(|c| (c.status, c.message))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -263,6 +263,17 @@ impl Destination {
         Ok(())
     }
 
+    /// The journal record of `pair` once `header`'s epoch is admitted and any seed adopted.
+    async fn admit(&self, pair: &PairKey, header: &SyncHeader) -> Result<PairRecord, Status> {
+        let mut record = self
+            .journal
+            .load(&pair.to_string())
+            .map_err(|e| internal("journal", e))?;
+        self.check_epoch(pair, &record, header).await?;
+        self.adopt_seed(pair, &mut record).await?;
+        Ok(record)
+    }
+
     /// Scans one volume of the newest committed generation's copy through a mover on the
     /// staging volume (reset to that copy) and returns its block index: what a source plans
     /// against when the copy is a diverged seed. Any live sync of the pair is abandoned.
@@ -271,13 +282,7 @@ impl Destination {
         let volume = request
             .volume
             .ok_or_else(|| Status::invalid_argument("volume: required"))?;
-        let key = pair.to_string();
-        let mut record = self
-            .journal
-            .load(&key)
-            .map_err(|e| internal("journal", e))?;
-        self.check_epoch(&pair, &record, header).await?;
-        self.adopt_seed(&pair, &mut record).await?;
+        let record = self.admit(&pair, header).await?;
         let newest = record.newest().cloned().ok_or_else(|| {
             Status::failed_precondition(format!("pair {pair} has no committed generation here"))
         })?;
@@ -321,12 +326,7 @@ impl Destination {
     async fn begin_sync(&self, request: BeginRequest) -> Result<BeginResponse, Status> {
         let (pair, header) = pair_of(request.header.as_ref())?;
         let key = pair.to_string();
-        let mut record = self
-            .journal
-            .load(&key)
-            .map_err(|e| internal("journal", e))?;
-        self.check_epoch(&pair, &record, header).await?;
-        self.adopt_seed(&pair, &mut record).await?;
+        let mut record = self.admit(&pair, header).await?;
         let committed = record.newest().map(|g| g.generation);
         if committed.is_some_and(|c| header.generation <= c) {
             return Err(Status::failed_precondition(format!(

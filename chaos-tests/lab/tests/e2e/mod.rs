@@ -150,3 +150,16 @@ pub async fn generation_tip(client: &Client, generation: u64) -> (Tip, bool) {
     let intact = matches!(ledger::verify(&conn).unwrap(), ledger::Verdict::Ok { .. });
     (ledger::tip(&conn).unwrap().expect("rows"), intact)
 }
+
+/// The pair's condition `type_`, if set.
+pub fn condition(
+    pair: &ferry_schemas::DRPair,
+    type_: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    pair.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .cloned()
+}
