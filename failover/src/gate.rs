@@ -20,7 +20,26 @@
 //!         valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
 //! ```
 //!
-//! The service account needs `get` on `leases` in the app's namespace.
+//!
+//! The same image as a native sidecar (an init container with `restartPolicy: Always`, after
+//! the gate) with `--watch` closes the remaining gap: it watches the Lease and, once it ends,
+//! deletes its own pod, so the app stops at the end of the lease even when this site's
+//! controller is down and cannot fence it (its replacement pod then waits in the gate):
+//!
+//! ```yaml
+//!   - name: ferry-fence
+//!     image: ghcr.io/ferry-dr/ferry-gate:0.1.0
+//!     args: ["--pair", "ledger", "--watch"]
+//!     restartPolicy: Always
+//!     env:
+//!       - name: POD_NAMESPACE
+//!         valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+//!       - name: POD_NAME
+//!         valueFrom: {fieldRef: {fieldPath: metadata.name}}
+//! ```
+//!
+//! The service account needs `get` on `leases` in the app's namespace, and `delete` on `pods`
+//! for the sidecar.
 
 use std::time::{Duration, SystemTime};
 
@@ -33,7 +52,8 @@ use crate::lease::{lease_name, run_until};
 /// How often the gate looks at the Lease.
 const POLL: Duration = Duration::from_millis(250);
 
-/// Waits until this site may run the app of a DR pair, then exits 0.
+/// Waits until this site may run the app of a DR pair, then exits 0; with `--watch`, then
+/// keeps watching and deletes its own pod once the site may no longer run the app.
 #[derive(Debug, Parser)]
 #[command(name = "ferry-gate", version, about)]
 struct Cli {
@@ -43,6 +63,13 @@ struct Cli {
     /// The app's (and the DRPair's) namespace.
     #[arg(long, env = "POD_NAMESPACE")]
     namespace: String,
+    /// Run as a sidecar: once the lease is held, watch it, and delete this pod (`--pod`) when
+    /// it ends, so the app stops even if this site's controller is gone.
+    #[arg(long)]
+    watch: bool,
+    /// This pod's name (for `--watch`).
+    #[arg(long, env = "POD_NAME", required_if_eq("watch", "true"))]
+    pod: Option<String>,
 }
 
 /// Why the gate is still closed, as it tells the pod's log.
@@ -104,6 +131,40 @@ async fn wait_open(client: &Client, namespace: &str, pair: &str) -> SystemTime {
     }
 }
 
+/// Watches the Lease until this site may no longer run the app, then deletes pod `pod`
+/// (graceful deletion: the kubelet stops the app; its workload controller creates a new pod,
+/// which waits in the init gate). Returns why.
+async fn watch_until_closed(client: &Client, namespace: &str, pair: &str, pod: &str) -> Closed {
+    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let name = lease_name(pair);
+    let mut known_until: Option<SystemTime> = None;
+    let closed = loop {
+        let verdict = match api.get_opt(&name).await {
+            Ok(lease) => check(lease.as_ref(), SystemTime::now()),
+            // Unreachable: act on what was read last, which says until when the app may run.
+            Err(e) => match known_until {
+                Some(until) if until > SystemTime::now() => Ok(until),
+                _ => Err(Closed::Unreachable(e.to_string())),
+            },
+        };
+        match verdict {
+            Ok(until) => known_until = Some(until),
+            Err(closed) => break closed,
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    // Until the pod is marked for deletion (an API outage may outlast the lease).
+    while let Err(e) = pods.delete(pod, &Default::default()).await {
+        if matches!(&e, kube::Error::Api(s) if s.code == 404) {
+            break;
+        }
+        eprintln!("ferry-gate: deleting pod {namespace}/{pod}: {e}");
+        tokio::time::sleep(POLL).await;
+    }
+    closed
+}
+
 /// Runs the command line `args` (the first is the program name); returns the exit code.
 pub fn main_with_args(args: Vec<String>) -> i32 {
     let cli = match Cli::try_parse_from(args) {
@@ -131,16 +192,29 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                 return 1;
             }
         };
-        tokio::select! {
-            until = wait_open(&client, &cli.namespace, &cli.pair) => {
+        let run = async {
+            let until = wait_open(&client, &cli.namespace, &cli.pair).await;
+            println!(
+                "ferry-gate: {}/{}: this site holds the witness lease until {}; {}",
+                cli.namespace,
+                cli.pair,
+                humantime::format_rfc3339_millis(until),
+                if cli.watch {
+                    "watching it"
+                } else {
+                    "starting the app"
+                }
+            );
+            if let (true, Some(pod)) = (cli.watch, &cli.pod) {
+                let closed = watch_until_closed(&client, &cli.namespace, &cli.pair, pod).await;
                 println!(
-                    "ferry-gate: {}/{}: this site holds the witness lease until {}; starting the app",
-                    cli.namespace,
-                    cli.pair,
-                    humantime::format_rfc3339_millis(until)
+                    "ferry-gate: {}/{}: {closed}; deleted pod {pod} to stop the app here",
+                    cli.namespace, cli.pair
                 );
-                0
             }
+        };
+        tokio::select! {
+            () = run => 0,
             () = ferry_replicator::cli::shutdown_signal() => 143,
         }
     })

@@ -26,7 +26,7 @@ pub struct Protection {
     /// `spec.failover.mode: Automatic` with `siteLossTimeout` [`Protection::SITE_LOSS_TIMEOUT_SECONDS`],
     /// else Manual (the default).
     pub automatic: bool,
-    /// The app's pods carry the `ferry-gate` init container.
+    /// The app's pods carry the `ferry-gate` init container and the `ferry-fence` sidecar.
     pub gated: bool,
 }
 
@@ -62,9 +62,18 @@ pub fn objects(protection: &Protection) -> Vec<Value> {
         "volumeMounts": [{"name": "d", "mountPath": "/data"}]}],
         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "ledger-data"}}]});
     if protection.gated {
-        pod["initContainers"] = json!([{"name": "ferry-gate", "image": "ghcr.io/ferry-dr/ferry-gate:0.1.0",
-            "args": ["--pair", PAIR],
-            "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]}]);
+        // The gate holds the pod until this site holds the lease; the fence sidecar deletes
+        // the pod once the lease ends, even with the site's controller gone.
+        let env = json!([
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ]);
+        pod["initContainers"] = json!([
+            {"name": "ferry-gate", "image": "ghcr.io/ferry-dr/ferry-gate:0.1.0",
+             "args": ["--pair", PAIR], "env": env},
+            {"name": "ferry-fence", "image": "ghcr.io/ferry-dr/ferry-gate:0.1.0",
+             "args": ["--pair", PAIR, "--watch"], "restartPolicy": "Always", "env": env},
+        ]);
     }
     let mut spec = json!({"selector": {"matchLabels": {"app": PAIR}}, "primarySite": "a", "secondarySite": "b", "rpo": "30s"});
     if protection.automatic {

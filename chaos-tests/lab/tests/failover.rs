@@ -8,6 +8,8 @@
 //! - witness losses: one of three down changes nothing; two down fail over nothing, the pair
 //!   reports `WitnessQuorumLost`, `a` fences itself when its lease ends and resumes when the
 //!   quorum is back;
+//! - controller down: `a`'s controller is scaled to zero while the site runs; the fence
+//!   sidecar stops the app at the end of the lease, before `b` is promoted;
 //! - manual mode: a lost site is not failed over on its own (`FailoverBlocked`, reason
 //!   `ManualMode`); a person's Failover Migration is refused without a quorum and carried
 //!   out with one.
@@ -411,5 +413,61 @@ async fn manual_mode_fails_over_only_on_a_migration_and_only_with_a_quorum() {
             .ok_or(format!("tip {}", tip.n))
     })
     .await;
+    assert_never_at_both_sites(&lab.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_its_controller_gone_a_site_still_stops_the_app_before_the_peer_takes_over() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (a, b) = setup_with(&lab.0, &Protection::AUTOMATIC).await;
+    let controllers: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(a.clone(), "ferry-system");
+    let scale = |replicas: i32| serde_json::json!({"spec": {"replicas": replicas}});
+    let down_at = now_ms();
+    controllers
+        .patch(
+            "ferry-controller",
+            &Default::default(),
+            &kube::api::Patch::Merge(&scale(0)),
+        )
+        .await
+        .unwrap();
+    completed_failover(&b, 2).await;
+    let (at_a, at_b) = timelines(&lab.0);
+    let stopped_a = last_stop(&at_a).expect("the app stopped at a");
+    let started_b = last_start(&at_b).expect("the app started at b");
+    println!(
+        "controller at a scaled to zero at {down_at}: the fence sidecar stopped the app {} ms later, b started it {} ms after that",
+        stopped_a - down_at,
+        started_b - stopped_a
+    );
+    assert!(stopped_a < started_b, "a's app stops before b's starts");
+    assert_never_at_both_sites(&lab.0);
+
+    // The controller comes back: a is demoted and runs nothing.
+    let back_at = now_ms();
+    controllers
+        .patch(
+            "ferry-controller",
+            &Default::default(),
+            &kube::api::Patch::Merge(&scale(1)),
+        )
+        .await
+        .unwrap();
+    eventually("a demoted", || async {
+        let p = pair_at(&a).await?;
+        let s = p.status.clone().unwrap_or_default();
+        match (s.epoch.map(|e| e.0), s.active_site.as_deref()) {
+            (Some(2), Some("b")) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(
+        last_start(&timelines(&lab.0).0).is_none_or(|t| t < back_at),
+        "the app never started again at a"
+    );
     assert_never_at_both_sites(&lab.0);
 }

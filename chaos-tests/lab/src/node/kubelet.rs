@@ -280,6 +280,7 @@ struct Mount {
 }
 
 /// Everything needed to start one container.
+#[derive(Clone)]
 struct Prepared {
     name: String,
     launch: Launch,
@@ -288,6 +289,9 @@ struct Prepared {
     working_dir: Option<String>,
     run_as: Option<(i64, Option<i64>)>,
     log: PathBuf,
+    /// An init container with `restartPolicy: Always`: a sidecar, started in init order and
+    /// kept running beside the workload.
+    sidecar: bool,
 }
 
 fn timeline(
@@ -403,11 +407,52 @@ async fn supervise(
     let start_time = now_rfc3339();
     // Init containers run one after the other, each to success, before the workload, and
     // again whenever the pod is started anew (a site restart), as after a node reboot.
-    if !run_init_containers(&ctx, &pod, &containers.init, &policy, grace, &mut stopped).await {
+    let (sidecars_stop, sidecars_stopped) = watch::channel(false);
+    let Some(sidecars) = run_init_containers(
+        &ctx,
+        &pod,
+        &containers.init,
+        &policy,
+        grace,
+        &mut stopped,
+        sidecars_stopped,
+    )
+    .await
+    else {
         return;
+    };
+    run_workload(
+        &ctx,
+        &pod,
+        containers.main,
+        &policy,
+        grace,
+        start_time,
+        &mut stopped,
+        &exec,
+    )
+    .await;
+    // Sidecars stop after the workload, as the kubelet stops them last.
+    let _ = sidecars_stop.send(true);
+    for sidecar in sidecars {
+        let _ = sidecar.await;
     }
-    // The lab runs the pod's first container as the workload; sidecars are out of scope.
-    let Some(c) = containers.main.into_iter().next() else {
+}
+
+/// Runs the pod's workload container until the pod stops or, per `policy`, completes.
+#[allow(clippy::too_many_arguments)]
+async fn run_workload(
+    ctx: &Arc<NodeContext>,
+    pod: &Pod,
+    main: Vec<Prepared>,
+    policy: &str,
+    grace: u64,
+    start_time: String,
+    stopped: &mut watch::Receiver<bool>,
+    exec: &Arc<Mutex<Option<ExecTarget>>>,
+) {
+    // The lab runs the pod's first container as the workload.
+    let Some(c) = main.into_iter().next() else {
         return;
     };
     let mut restarts: i32 = pod
@@ -423,8 +468,8 @@ async fn supervise(
             Err(e) => {
                 warn!(error = %e, "spawning container");
                 patch_status(
-                    &ctx,
-                    &pod,
+                    ctx,
+                    pod,
                     json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()}),
                 )
                 .await;
@@ -435,7 +480,7 @@ async fn supervise(
         for m in &c.mounts {
             ctx.volume_users.add(&m.host, pid);
         }
-        timeline(&ctx, &pod, TimelineEvent::Start, Some(pid), None);
+        timeline(ctx, pod, TimelineEvent::Start, Some(pid), None);
         *exec.lock().expect("kubelet lock poisoned") = Some(ExecTarget {
             container: c.name.clone(),
             pid,
@@ -445,7 +490,7 @@ async fn supervise(
         });
         info!(pid, container = %c.name, "started");
         let started_at = now_rfc3339();
-        patch_status(&ctx, &pod, json!({
+        patch_status(ctx, pod, json!({
             "phase": "Running", "hostIP": ctx.ip.to_string(), "podIP": ctx.ip.to_string(), "podIPs": [{"ip": ctx.ip.to_string()}],
             "startTime": start_time, "conditions": conditions(true),
             "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "containerID": format!("lab://{pid}"), "ready": true, "started": true, "restartCount": restarts, "state": {"running": {"startedAt": started_at}}}],
@@ -453,27 +498,21 @@ async fn supervise(
 
         let exit = tokio::select! {
             status = child.wait() => status.ok(),
-            _ = until_stopped(&mut stopped) => {
+            _ = until_stopped(stopped) => {
                 terminate(pid, grace, &mut child).await
             }
         };
         ctx.volume_users.remove_pid(pid);
         *exec.lock().expect("kubelet lock poisoned") = None;
         let exit_text = exit.map(|s| s.to_string());
-        timeline(
-            &ctx,
-            &pod,
-            TimelineEvent::Stop,
-            Some(pid),
-            exit_text.clone(),
-        );
+        timeline(ctx, pod, TimelineEvent::Stop, Some(pid), exit_text.clone());
         info!(pid, exit = ?exit_text, "stopped");
         let stop_requested = *stopped.borrow();
         if stop_requested {
             return;
         }
         let code = exit.and_then(|s| s.code()).unwrap_or(137);
-        let restart = match policy.as_str() {
+        let restart = match policy {
             "Never" => false,
             "OnFailure" => code != 0,
             _ => true,
@@ -481,7 +520,7 @@ async fn supervise(
         let terminated = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }, "finishedAt": now_rfc3339(), "startedAt": started_at});
         if !restart {
             let phase = if code == 0 { "Succeeded" } else { "Failed" };
-            patch_status(&ctx, &pod, json!({
+            patch_status(ctx, pod, json!({
                 "phase": phase, "conditions": conditions(false),
                 "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"terminated": terminated}}],
             }))
@@ -491,29 +530,43 @@ async fn supervise(
         restarts += 1;
         let backoff = Duration::from_millis(250u64.saturating_mul(1 << restarts.clamp(0, 10)))
             .min(MAX_BACKOFF);
-        patch_status(&ctx, &pod, json!({
+        patch_status(ctx, pod, json!({
             "conditions": conditions(false),
             "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {backoff:?} restarting failed container")}}, "lastState": {"terminated": terminated}}],
         }))
         .await;
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = until_stopped(&mut stopped) => return,
+            _ = until_stopped(stopped) => return,
         }
     }
 }
 
 /// Runs `init` in order, each until it exits 0, restarting a failed one with back-off unless
-/// `policy` is `Never` (then the pod fails). Returns false when the pod stopped or failed.
+/// `policy` is `Never` (then the pod fails). A sidecar (`restartPolicy: Always`) is started in
+/// its turn and kept running (restarted when it exits) until `sidecars_stopped`; the tasks
+/// running them are returned. `None` when the pod stopped or failed.
 async fn run_init_containers(
-    ctx: &NodeContext,
+    ctx: &Arc<NodeContext>,
     pod: &Pod,
     init: &[Prepared],
     policy: &str,
     grace: u64,
     stopped: &mut watch::Receiver<bool>,
-) -> bool {
+    sidecars_stopped: watch::Receiver<bool>,
+) -> Option<Vec<tokio::task::JoinHandle<()>>> {
+    let mut sidecars = Vec::new();
     for (i, c) in init.iter().enumerate() {
+        if c.sidecar {
+            sidecars.push(tokio::spawn(run_sidecar(
+                pod.clone(),
+                c.clone(),
+                grace,
+                stopped.clone(),
+                sidecars_stopped.clone(),
+            )));
+            continue;
+        }
         let mut restarts = 0i32;
         loop {
             let mut child = match spawn(c) {
@@ -521,7 +574,12 @@ async fn run_init_containers(
                 Err(e) => {
                     warn!(error = %e, "spawning init container");
                     patch_status(ctx, pod, json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()})).await;
-                    return false;
+                    {
+                        for s in &sidecars {
+                            s.abort();
+                        }
+                        return None;
+                    }
                 }
             };
             let pid = child.id().unwrap_or_default();
@@ -540,7 +598,12 @@ async fn run_init_containers(
             };
             ctx.volume_users.remove_pid(pid);
             if *stopped.borrow() {
-                return false;
+                {
+                    for s in &sidecars {
+                        s.abort();
+                    }
+                    return None;
+                }
             }
             let code = exit.and_then(|s| s.code()).unwrap_or(137);
             info!(pid, container = %c.name, code, "init container exited");
@@ -549,7 +612,12 @@ async fn run_init_containers(
             }
             if policy == "Never" {
                 patch_status(ctx, pod, json!({"phase": "Failed", "reason": "InitContainerFailed", "message": format!("init container {} ({} of {}) exited with {code}", c.name, i + 1, init.len())})).await;
-                return false;
+                {
+                    for s in &sidecars {
+                        s.abort();
+                    }
+                    return None;
+                }
             }
             restarts += 1;
             let backoff = Duration::from_millis(250u64.saturating_mul(1 << restarts.clamp(0, 10)))
@@ -561,11 +629,57 @@ async fn run_init_containers(
             .await;
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = until_stopped(stopped) => return false,
+                _ = until_stopped(stopped) => {
+                    for s in &sidecars { s.abort(); }
+                    return None;
+                }
             }
         }
     }
-    true
+    Some(sidecars)
+}
+
+/// Keeps sidecar `c` running until the pod or its sidecars stop: restarted with back-off
+/// whenever it exits. Not on the timeline, which records the workload.
+async fn run_sidecar(
+    pod: Pod,
+    c: Prepared,
+    grace: u64,
+    mut stopped: watch::Receiver<bool>,
+    mut sidecars_stopped: watch::Receiver<bool>,
+) {
+    let mut restarts = 0u32;
+    loop {
+        let mut child = match spawn(&c) {
+            Ok(child) => child,
+            Err(e) => {
+                warn!(error = %e, container = %c.name, "spawning sidecar");
+                return;
+            }
+        };
+        let pid = child.id().unwrap_or_default();
+        info!(pid, container = %c.name, pod = %pod.name_any(), "sidecar started");
+        let stop = tokio::select! {
+            status = child.wait() => {
+                info!(pid, container = %c.name, status = ?status.ok(), "sidecar exited");
+                false
+            }
+            _ = until_stopped(&mut stopped) => true,
+            _ = until_stopped(&mut sidecars_stopped) => true,
+        };
+        if stop {
+            terminate(pid, grace, &mut child).await;
+            return;
+        }
+        restarts += 1;
+        let backoff =
+            Duration::from_millis(250u64.saturating_mul(1 << restarts.min(10))).min(MAX_BACKOFF);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = until_stopped(&mut stopped) => return,
+            _ = until_stopped(&mut sidecars_stopped) => return,
+        }
+    }
 }
 
 /// The kubelet's side of `pods/exec`: runs a command in a running pod's workload container,
@@ -1029,6 +1143,7 @@ async fn prepare_container(
         working_dir: c.working_dir.clone(),
         run_as: uid.map(|u| (u, gid)),
         log: pod_dir.join(format!("{}.log", c.name)),
+        sidecar: c.restart_policy.as_deref() == Some("Always"),
     })
 }
 
