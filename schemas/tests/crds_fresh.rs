@@ -1,12 +1,12 @@
-//! The CRDs committed under `deploy/crds/` are exactly what the types generate.
+//! The CRDs committed under `deploy/helm/ferry/crds/` are exactly what the types generate.
 
 use std::path::{Path, PathBuf};
 
 const REGENERATE: &str =
-    "regenerate with `cargo run -p ferry-schemas --bin crdgen` and commit deploy/crds/";
+    "regenerate with `cargo run -p ferry-schemas --bin crdgen` and commit deploy/helm/ferry/crds/";
 
 fn crd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/ferry/crds")
 }
 
 /// Describes the first line where two texts differ.
@@ -37,11 +37,11 @@ fn committed_crds_match_the_types() {
         let path = dir.join(&file.file_name);
         match std::fs::read_to_string(&path) {
             Err(e) => problems.push(format!(
-                "deploy/crds/{}: cannot read it ({e})",
+                "deploy/helm/ferry/crds/{}: cannot read it ({e})",
                 file.file_name
             )),
             Ok(committed) if committed != file.yaml => problems.push(format!(
-                "deploy/crds/{}: differs from what the types generate, {}",
+                "deploy/helm/ferry/crds/{}: differs from what the types generate, {}",
                 file.file_name,
                 first_difference(&committed, &file.yaml)
             )),
@@ -52,7 +52,9 @@ fn committed_crds_match_the_types() {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(".ferry.dev.yaml") && !files.iter().any(|f| f.file_name == name) {
-                problems.push(format!("deploy/crds/{name}: no type generates it any more"));
+                problems.push(format!(
+                    "deploy/helm/ferry/crds/{name}: no type generates it any more"
+                ));
             }
         }
     }

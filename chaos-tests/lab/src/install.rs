@@ -30,16 +30,16 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// `deploy/` files in the order `deploy/kustomization.yaml` lists them, embedded.
 pub const DEPLOY_FILES: [(&str, &str); 7] = [
     (
-        "crds/sites.ferry.dev.yaml",
-        include_str!("../../../deploy/crds/sites.ferry.dev.yaml"),
+        "helm/ferry/crds/sites.ferry.dev.yaml",
+        include_str!("../../../deploy/helm/ferry/crds/sites.ferry.dev.yaml"),
     ),
     (
-        "crds/drpairs.ferry.dev.yaml",
-        include_str!("../../../deploy/crds/drpairs.ferry.dev.yaml"),
+        "helm/ferry/crds/drpairs.ferry.dev.yaml",
+        include_str!("../../../deploy/helm/ferry/crds/drpairs.ferry.dev.yaml"),
     ),
     (
-        "crds/migrations.ferry.dev.yaml",
-        include_str!("../../../deploy/crds/migrations.ferry.dev.yaml"),
+        "helm/ferry/crds/migrations.ferry.dev.yaml",
+        include_str!("../../../deploy/helm/ferry/crds/migrations.ferry.dev.yaml"),
     ),
     (
         "base/namespace.yaml",

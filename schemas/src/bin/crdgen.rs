@@ -1,7 +1,7 @@
 //! `crdgen`: writes Ferry's CRDs, generated from the `ferry-schemas` types, as YAML files.
 //!
 //! Usage: `cargo run -p ferry-schemas --bin crdgen [-- --out DIR]`. Writes
-//! `<plural>.ferry.dev.yaml` for each CRD into DIR (default: `deploy/crds` at
+//! `<plural>.ferry.dev.yaml` for each CRD into DIR (default: `deploy/helm/ferry/crds` at
 //! the workspace root) and removes stale `*.ferry.dev.yaml` files there.
 //! Exit codes: 0 written, 1 I/O failure, 2 bad arguments.
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: crdgen [--out DIR]\n\nWrites each Ferry CRD to DIR/<plural>.ferry.dev.yaml \
-(default DIR: deploy/crds at the workspace root).";
+(default DIR: deploy/helm/ferry/crds at the workspace root).";
 
 fn main() -> ExitCode {
     let out = match parse_args(std::env::args().skip(1)) {
@@ -37,8 +37,8 @@ fn main() -> ExitCode {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<PathBuf>, String> {
     let workspace_root = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
     let mut out = workspace_root.map_or_else(
-        || PathBuf::from("deploy/crds"),
-        |root| root.join("deploy/crds"),
+        || PathBuf::from("deploy/helm/ferry/crds"),
+        |root| root.join("deploy/helm/ferry/crds"),
     );
     while let Some(arg) = args.next() {
         match arg.as_str() {
