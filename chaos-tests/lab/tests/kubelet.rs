@@ -1,6 +1,8 @@
 //! The process kubelet: the SQLite writer runs from a Deployment with a PVC, survives SIGKILL
-//! with a restart, passes `verify`, stops when scaled to zero, and the timeline records it.
+//! with a restart, passes `verify`, stops when scaled to zero, and the timeline records it;
+//! every container of a pod runs, with readiness and liveness probes.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -10,9 +12,10 @@ use ferry_lab::node::timeline::{self, TimelineEvent};
 use ferry_lab::site::{client_from, SiteRuntime};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, AttachParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
 use serde_json::json;
+use tokio::io::AsyncReadExt;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -343,5 +346,212 @@ async fn postgres_runs_as_a_non_root_pod_on_its_pvc() {
         }
     })
     .await;
+    site.shutdown().await;
+}
+
+/// Runs `command` in `container` of pod `name` through `pods/exec`; its stdout, or the error.
+async fn exec(
+    pods: &Api<Pod>,
+    name: &str,
+    container: Option<&str>,
+    command: &str,
+) -> Result<String, String> {
+    let mut params = AttachParams::default().stdout(true).stderr(false);
+    if let Some(c) = container {
+        params = params.container(c);
+    }
+    let mut process = pods
+        .exec(name, ["sh", "-c", command], &params)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    process
+        .stdout()
+        .ok_or("no stdout")?
+        .read_to_string(&mut out)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = process.take_status().ok_or("no status")?.await;
+    match status {
+        Some(s) if s.status.as_deref() == Some("Success") => Ok(out),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Each container's (running pid, ready, restartCount), by name, when all of them run.
+fn containers(pod: &Pod) -> Result<BTreeMap<String, (u32, bool, i32)>, String> {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .unwrap_or_default();
+    let mut out = BTreeMap::new();
+    for s in &statuses {
+        let pid = s
+            .container_id
+            .as_deref()
+            .and_then(|id| id.strip_prefix("lab://"))
+            .and_then(|p| p.parse::<u32>().ok());
+        match (s.state.as_ref().and_then(|st| st.running.as_ref()), pid) {
+            (Some(_), Some(pid)) if alive(pid) => {
+                out.insert(s.name.clone(), (pid, s.ready, s.restart_count));
+            }
+            _ => return Err(format!("{} not running: {:?}", s.name, s.state)),
+        }
+    }
+    Ok(out)
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Every regular container of a pod runs, sharing its emptyDir; a readiness probe gates the
+/// pod's Ready condition; a failing liveness probe restarts only its container; `pods/exec`
+/// picks containers as the API server does; deleting the pod stops every process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_container_runs_and_probes_gate_readiness_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = SiteRuntime::start_with_catalog(
+        "m",
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        Catalog::with_exe(ferry_lab_bin()),
+    )
+    .await
+    .unwrap();
+    let client = client_from(&dir.path().join("kubeconfig")).await.unwrap();
+    let ns = "multi";
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    // SHARED names the emptyDir's mountPath, so the commands work with and without mount
+    // namespaces (without root the kubelet rewrites it to the host path).
+    let env = json!([{"name": "SHARED", "value": "/shared"}]);
+    let mount = json!([{"name": "shared", "mountPath": "/shared"}]);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [
+                {"name": "app", "image": "busybox", "env": env, "volumeMounts": mount,
+                 "command": ["sh", "-c", "echo app > \"$SHARED/app\"; exec sleep 600"],
+                 "readinessProbe": {"exec": {"command": ["sh", "-c", "test -f \"$SHARED/go\""]}, "periodSeconds": 1}},
+                {"name": "helper", "image": "busybox", "env": env, "volumeMounts": mount,
+                 "command": ["sh", "-c", "echo helper > \"$SHARED/helper\"; exec sleep 600"],
+                 "livenessProbe": {"exec": {"command": ["sh", "-c", "test ! -f \"$SHARED/kill-helper\""]}, "periodSeconds": 1, "failureThreshold": 1}}
+            ],
+            "volumes": [{"name": "shared", "emptyDir": {}}]
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+
+    // Both run; the app is not ready until its readiness probe passes, the helper is.
+    let first = eventually("both containers running, app not ready", || async {
+        let pod = pods.get("web").await.map_err(|e| e.to_string())?;
+        let c = containers(&pod)?;
+        match (c.get("app"), c.get("helper")) {
+            (Some((_, false, 0)), Some((_, true, 0))) if !pod_ready(&pod) => Ok(c),
+            _ => Err(format!("{c:?}, pod ready {}", pod_ready(&pod))),
+        }
+    })
+    .await;
+
+    // exec needs a container name on a pod of two, and reaches the one named.
+    let err = exec(&pods, "web", None, "true").await.unwrap_err();
+    assert!(
+        err.contains("a container name must be specified for pod web, choose one of: [app helper]"),
+        "{err}"
+    );
+    let err = exec(&pods, "web", Some("nope"), "true").await.unwrap_err();
+    assert!(
+        err.contains("container nope is not valid for pod web"),
+        "{err}"
+    );
+    let shared = exec(
+        &pods,
+        "web",
+        Some("helper"),
+        "cat \"$SHARED/app\" \"$SHARED/helper\"",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        shared, "app\nhelper\n",
+        "one emptyDir shared by both containers"
+    );
+
+    exec(&pods, "web", Some("app"), "touch \"$SHARED/go\"")
+        .await
+        .unwrap();
+    eventually("the pod Ready once the readiness probe passes", || async {
+        let pod = pods.get("web").await.map_err(|e| e.to_string())?;
+        let c = containers(&pod)?;
+        (pod_ready(&pod) && c["app"].1)
+            .then_some(())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+
+    // The helper's liveness probe fails: it alone is restarted.
+    exec(&pods, "web", Some("app"), "touch \"$SHARED/kill-helper\"")
+        .await
+        .unwrap();
+    let restarted = eventually("the helper restarted by its liveness probe", || async {
+        let pod = pods.get("web").await.map_err(|e| e.to_string())?;
+        let c = containers(&pod)?;
+        (c["helper"].2 >= 1)
+            .then_some(c.clone())
+            .ok_or(format!("{c:?}"))
+    })
+    .await;
+    assert_ne!(restarted["helper"].0, first["helper"].0);
+    assert_eq!(
+        restarted["app"],
+        (first["app"].0, true, 0),
+        "the app untouched"
+    );
+    exec(&pods, "web", Some("app"), "rm \"$SHARED/kill-helper\"")
+        .await
+        .unwrap();
+
+    // Deleting the pod stops both processes, and the timeline has each container's starts.
+    let last = eventually("both containers running again", || async {
+        containers(&pods.get("web").await.map_err(|e| e.to_string())?)
+    })
+    .await;
+    let pids: Vec<u32> = last.values().map(|c| c.0).collect();
+    pods.delete("web", &Default::default()).await.unwrap();
+    eventually("the pod gone and its processes stopped", || async {
+        let gone = pods
+            .get_opt("web")
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none();
+        (gone && pids.iter().all(|p| !alive(*p)))
+            .then_some(())
+            .ok_or("still there".to_string())
+    })
+    .await;
+    let starts: Vec<Option<u32>> = timeline::read(&dir.path().join("timeline.jsonl"))
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.pod == "web" && e.event == TimelineEvent::Start)
+        .map(|e| e.pid)
+        .collect();
+    // The app once, the helper once per restart and once more (a restart may still count
+    // down while the pod goes).
+    assert!(starts.contains(&Some(first["app"].0)), "{starts:?}");
+    let helper_runs = starts.len() - 1;
+    assert!(helper_runs as i32 > last["helper"].2, "{starts:?} {last:?}");
     site.shutdown().await;
 }

@@ -120,7 +120,16 @@ pub async fn run_hook(
             continue;
         }
         let name = pod.name_any();
-        match tokio::time::timeout(hook.timeout, exec(&pods, &name, hook, field)).await {
+        // The API server needs a container name for a pod of several; the hook's default is
+        // the pod's first container.
+        let container = hook.container.clone().or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.containers.first())
+                .map(|c| c.name.clone())
+        });
+        let run = exec(&pods, &name, container, hook, field);
+        match tokio::time::timeout(hook.timeout, run).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(HookError::Timeout {
@@ -139,6 +148,7 @@ pub async fn run_hook(
 async fn exec(
     pods: &Api<Pod>,
     name: &str,
+    container: Option<String>,
     hook: &ValidHook,
     field: &'static str,
 ) -> Result<(), HookError> {
@@ -148,8 +158,8 @@ async fn exec(
         message,
     };
     let mut params = AttachParams::default().stdout(true).stderr(true);
-    if let Some(container) = &hook.container {
-        params = params.container(container.clone());
+    if let Some(container) = container {
+        params = params.container(container);
     }
     let mut process = pods
         .exec(name, hook.command.clone(), &params)

@@ -12,9 +12,12 @@
 //!    start with a `mountPath` are rewritten to the host path, which the catalog apps accept
 //!    (the documented fallback, docs/lab.md);
 //! 4. runs the init containers in order, each to success (again after every site restart),
-//!    then the workload; appends the workload's `start` and `stop` to the site timeline,
-//!    keeps the pod's status true (phase, conditions, container states, restart counts), and
-//!    restarts exited containers as the pod's `restartPolicy` says, with exponential back-off;
+//!    then every regular container, each supervised on its own with its readiness and
+//!    liveness probes ([`probes`](super::probes)); appends each container process's `start`
+//!    and `stop` to the site timeline, keeps the pod's status true (phase, conditions,
+//!    container states, readiness, restart counts), and restarts exited containers (and ones
+//!    failing their liveness probe) as the pod's `restartPolicy` says, with exponential
+//!    back-off;
 //! 5. when the pod is deleted, sends SIGTERM to the process group, then SIGKILL after
 //!    `terminationGracePeriodSeconds`.
 
@@ -36,6 +39,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::catalog::Launch;
+use super::probes;
 use super::timeline::{now_ms, TimelineEntry, TimelineEvent};
 use super::NodeContext;
 
@@ -58,14 +62,18 @@ struct RunningPod {
     task: tokio::task::JoinHandle<()>,
     namespace: String,
     name: String,
-    /// The workload container while its process runs: where `pods/exec` runs commands.
-    exec: Arc<Mutex<Option<ExecTarget>>>,
+    /// The names of the pod's regular containers, in spec order.
+    containers: Vec<String>,
+    /// Its regular containers whose processes run: where `pods/exec` runs commands.
+    exec: ExecTargets,
 }
 
-/// A running container as `pods/exec` needs it.
+/// The running regular containers of a pod, by container name.
+type ExecTargets = Arc<Mutex<BTreeMap<String, ExecTarget>>>;
+
+/// A running container as `pods/exec` and exec probes need it.
 #[derive(Clone, Debug)]
 struct ExecTarget {
-    container: String,
     pid: u32,
     env: BTreeMap<String, String>,
     working_dir: Option<String>,
@@ -177,8 +185,13 @@ async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
         return;
     }
     let (stop, stopped) = watch::channel(false);
-    let exec = Arc::new(Mutex::new(None));
+    let exec = ExecTargets::default();
     let (namespace, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+    let containers = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect();
     let task = tokio::spawn(supervise(ctx.clone(), pod, stopped, exec.clone()));
     running.insert(
         uid,
@@ -187,6 +200,7 @@ async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
             task,
             namespace,
             name,
+            containers,
             exec,
         },
     );
@@ -292,6 +306,10 @@ struct Prepared {
     /// An init container with `restartPolicy: Always`: a sidecar, started in init order and
     /// kept running beside the workload.
     sidecar: bool,
+    /// `readinessProbe` (regular containers only).
+    readiness: Option<probes::ProbeSpec>,
+    /// `livenessProbe` (regular containers only).
+    liveness: Option<probes::ProbeSpec>,
 }
 
 fn timeline(
@@ -358,7 +376,7 @@ async fn supervise(
     ctx: Arc<NodeContext>,
     pod: Pod,
     mut stopped: watch::Receiver<bool>,
-    exec: Arc<Mutex<Option<ExecTarget>>>,
+    exec: ExecTargets,
 ) {
     // Volumes may not be ready yet (a claim still binding): retry, as the kubelet does,
     // reporting ContainerCreating; an image outside the catalog will not appear, so wait.
@@ -428,7 +446,7 @@ async fn supervise(
         &policy,
         grace,
         start_time,
-        &mut stopped,
+        &stopped,
         &exec,
     )
     .await;
@@ -439,7 +457,64 @@ async fn supervise(
     }
 }
 
-/// Runs the pod's workload container until the pod stops or, per `policy`, completes.
+/// What the kubelet reports of one regular container.
+struct ContainerReport {
+    /// Its `containerStatuses` entry.
+    status: serde_json::Value,
+    /// Whether it counts as ready (running, and its readiness probe passing if it has one).
+    ready: bool,
+    /// Its exit code once it has ended for good (the restart policy restarts it no more).
+    finished: Option<i32>,
+}
+
+/// The regular containers' part of a pod's status, shared by their supervisors. Each update
+/// publishes the whole status under the lock, so updates from concurrent containers reach
+/// the API server in order and never undo each other.
+struct PodReport {
+    start_time: String,
+    containers: Vec<ContainerReport>,
+}
+
+impl PodReport {
+    /// Applies `change` to container `idx`'s report and publishes the pod's status: phase
+    /// `Running` while any container has not ended for good, then `Succeeded` when all
+    /// exited 0, else `Failed`; `Ready` when every container is ready.
+    async fn update(
+        report: &tokio::sync::Mutex<PodReport>,
+        ctx: &NodeContext,
+        pod: &Pod,
+        idx: usize,
+        change: impl FnOnce(&mut ContainerReport),
+    ) {
+        let mut report = report.lock().await;
+        change(&mut report.containers[idx]);
+        let statuses: Vec<_> = report.containers.iter().map(|c| c.status.clone()).collect();
+        let exits: Option<Vec<i32>> = report.containers.iter().map(|c| c.finished).collect();
+        let status = match exits {
+            Some(exits) => {
+                let phase = if exits.iter().all(|&c| c == 0) {
+                    "Succeeded"
+                } else {
+                    "Failed"
+                };
+                json!({"phase": phase, "conditions": conditions(false), "containerStatuses": statuses})
+            }
+            None => {
+                let ready = report.containers.iter().all(|c| c.ready);
+                let ip = ctx.ip.to_string();
+                json!({
+                    "phase": "Running", "hostIP": ip, "podIP": ip, "podIPs": [{"ip": ip}],
+                    "startTime": report.start_time, "conditions": conditions(ready),
+                    "containerStatuses": statuses,
+                })
+            }
+        };
+        patch_status(ctx, pod, status).await;
+    }
+}
+
+/// Runs the pod's regular containers, each supervised on its own as the kubelet does, until
+/// the pod stops or, per `policy`, every container has ended.
 #[allow(clippy::too_many_arguments)]
 async fn run_workload(
     ctx: &Arc<NodeContext>,
@@ -448,30 +523,77 @@ async fn run_workload(
     policy: &str,
     grace: u64,
     start_time: String,
-    stopped: &mut watch::Receiver<bool>,
-    exec: &Arc<Mutex<Option<ExecTarget>>>,
+    stopped: &watch::Receiver<bool>,
+    exec: &ExecTargets,
 ) {
-    // The lab runs the pod's first container as the workload.
-    let Some(c) = main.into_iter().next() else {
-        return;
-    };
-    let mut restarts: i32 = pod
+    let previous: BTreeMap<String, i32> = pod
         .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.first())
-        .map(|s| s.restart_count)
-        .unwrap_or(0);
+        .iter()
+        .flat_map(|s| s.container_statuses.iter().flatten())
+        .map(|s| (s.name.clone(), s.restart_count))
+        .collect();
+    let report = Arc::new(tokio::sync::Mutex::new(PodReport {
+        start_time,
+        containers: main
+            .iter()
+            .map(|c| ContainerReport {
+                status: json!({"name": c.name, "image": "", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}),
+                ready: false,
+                finished: None,
+            })
+            .collect(),
+    }));
+    let tasks: Vec<_> = main
+        .into_iter()
+        .enumerate()
+        .map(|(idx, c)| {
+            let restarts = previous.get(&c.name).copied().unwrap_or(0);
+            run_container(
+                ctx.clone(),
+                pod.clone(),
+                idx,
+                c,
+                policy.to_string(),
+                grace,
+                restarts,
+                stopped.clone(),
+                report.clone(),
+                exec.clone(),
+            )
+        })
+        .collect();
+    futures::future::join_all(tasks).await;
+}
+
+/// Supervises regular container `idx` of `pod`: starts it, runs its probes, restarts it as
+/// `policy` says with exponential back-off, and stops it (SIGTERM, SIGKILL after `grace`
+/// seconds) when the pod stops.
+#[allow(clippy::too_many_arguments)]
+async fn run_container(
+    ctx: Arc<NodeContext>,
+    pod: Pod,
+    idx: usize,
+    c: Prepared,
+    policy: String,
+    grace: u64,
+    mut restarts: i32,
+    mut stopped: watch::Receiver<bool>,
+    report: Arc<tokio::sync::Mutex<PodReport>>,
+    exec: ExecTargets,
+) {
+    let ctx = &*ctx;
+    let entry = |restarts: i32, ready: bool, state: serde_json::Value| json!({"name": c.name, "image": "", "imageID": "", "ready": ready, "started": state.get("running").is_some(), "restartCount": restarts, "state": state});
     loop {
         let mut child = match spawn(&c) {
             Ok(child) => child,
             Err(e) => {
-                warn!(error = %e, "spawning container");
-                patch_status(
-                    ctx,
-                    pod,
-                    json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()}),
-                )
+                warn!(error = %e, container = %c.name, "spawning container");
+                let terminated = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": e.to_string(), "finishedAt": now_rfc3339()}});
+                PodReport::update(&report, ctx, &pod, idx, |r| {
+                    r.status = entry(restarts, false, terminated);
+                    r.ready = false;
+                    r.finished = Some(128);
+                })
                 .await;
                 return;
             }
@@ -480,65 +602,142 @@ async fn run_workload(
         for m in &c.mounts {
             ctx.volume_users.add(&m.host, pid);
         }
-        timeline(ctx, pod, TimelineEvent::Start, Some(pid), None);
-        *exec.lock().expect("kubelet lock poisoned") = Some(ExecTarget {
-            container: c.name.clone(),
+        timeline(ctx, &pod, TimelineEvent::Start, Some(pid), None);
+        let target = ExecTarget {
             pid,
             env: c.env.clone(),
             working_dir: c.working_dir.clone(),
             run_as: c.run_as,
-        });
+        };
+        exec.lock()
+            .expect("kubelet lock poisoned")
+            .insert(c.name.clone(), target.clone());
         info!(pid, container = %c.name, "started");
         let started_at = now_rfc3339();
-        patch_status(ctx, pod, json!({
-            "phase": "Running", "hostIP": ctx.ip.to_string(), "podIP": ctx.ip.to_string(), "podIPs": [{"ip": ctx.ip.to_string()}],
-            "startTime": start_time, "conditions": conditions(true),
-            "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "containerID": format!("lab://{pid}"), "ready": true, "started": true, "restartCount": restarts, "state": {"running": {"startedAt": started_at}}}],
-        })).await;
+        let running = json!({"running": {"startedAt": started_at}});
+        // Without a readiness probe a running container is ready at once.
+        let ready = c.readiness.is_none();
+        PodReport::update(&report, ctx, &pod, idx, |r| {
+            r.status = entry(restarts, ready, running.clone());
+            r.status["containerID"] = json!(format!("lab://{pid}"));
+            r.ready = ready;
+        })
+        .await;
 
+        let probing = run_probes(ctx, &pod, idx, &c, &target, &report, restarts, &running);
         let exit = tokio::select! {
             status = child.wait() => status.ok(),
-            _ = until_stopped(stopped) => {
+            _ = until_stopped(&mut stopped) => terminate(pid, grace, &mut child).await,
+            reason = probing => {
+                info!(pid, container = %c.name, %reason, "liveness probe failed; killing the container");
                 terminate(pid, grace, &mut child).await
             }
         };
         ctx.volume_users.remove_pid(pid);
-        *exec.lock().expect("kubelet lock poisoned") = None;
+        exec.lock().expect("kubelet lock poisoned").remove(&c.name);
         let exit_text = exit.map(|s| s.to_string());
-        timeline(ctx, pod, TimelineEvent::Stop, Some(pid), exit_text.clone());
-        info!(pid, exit = ?exit_text, "stopped");
-        let stop_requested = *stopped.borrow();
-        if stop_requested {
+        timeline(ctx, &pod, TimelineEvent::Stop, Some(pid), exit_text.clone());
+        info!(pid, container = %c.name, exit = ?exit_text, "stopped");
+        if *stopped.borrow() {
             return;
         }
         let code = exit.and_then(|s| s.code()).unwrap_or(137);
-        let restart = match policy {
+        let restart = match policy.as_str() {
             "Never" => false,
             "OnFailure" => code != 0,
             _ => true,
         };
         let terminated = json!({"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" }, "finishedAt": now_rfc3339(), "startedAt": started_at});
         if !restart {
-            let phase = if code == 0 { "Succeeded" } else { "Failed" };
-            patch_status(ctx, pod, json!({
-                "phase": phase, "conditions": conditions(false),
-                "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"terminated": terminated}}],
-            }))
+            PodReport::update(&report, ctx, &pod, idx, |r| {
+                r.status = entry(restarts, false, json!({"terminated": terminated}));
+                r.ready = false;
+                r.finished = Some(code);
+            })
             .await;
             return;
         }
         restarts += 1;
         let backoff = Duration::from_millis(250u64.saturating_mul(1 << restarts.clamp(0, 10)))
             .min(MAX_BACKOFF);
-        patch_status(ctx, pod, json!({
-            "conditions": conditions(false),
-            "containerStatuses": [{"name": c.name, "image": "", "imageID": "", "ready": false, "started": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {backoff:?} restarting failed container")}}, "lastState": {"terminated": terminated}}],
-        }))
+        let waiting = json!({"waiting": {"reason": "CrashLoopBackOff", "message": format!("back-off {backoff:?} restarting failed container={} pod={}", c.name, pod.name_any())}});
+        PodReport::update(&report, ctx, &pod, idx, |r| {
+            r.status = entry(restarts, false, waiting);
+            r.status["lastState"] = json!({"terminated": terminated});
+            r.ready = false;
+        })
         .await;
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = until_stopped(stopped) => return,
+            _ = until_stopped(&mut stopped) => return,
         }
+    }
+}
+
+/// Runs container `c`'s readiness probe (publishing each change of readiness) and its
+/// liveness probe; resolves only when the liveness probe fails, with the last failure.
+#[allow(clippy::too_many_arguments)]
+async fn run_probes(
+    ctx: &NodeContext,
+    pod: &Pod,
+    idx: usize,
+    c: &Prepared,
+    target: &ExecTarget,
+    report: &tokio::sync::Mutex<PodReport>,
+    restarts: i32,
+    running: &serde_json::Value,
+) -> String {
+    let exec = |command: Vec<String>, timeout: Duration| async move {
+        let mut cmd = container_command(target, &command);
+        let output = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| format!("command {command:?} timed out after {timeout:?}"))?
+            .map_err(|e| format!("starting {:?}: {e}", command[0]))?;
+        Ok(exit_code(output.status))
+    };
+    let readiness = async {
+        let Some(spec) = &c.readiness else {
+            return std::future::pending::<()>().await;
+        };
+        tokio::time::sleep(spec.initial_delay).await;
+        let mut verdict = probes::Verdict::new(false);
+        let mut published = false;
+        loop {
+            let result = probes::check(&spec.action, spec.timeout, exec).await;
+            if let Err(reason) = &result {
+                tracing::debug!(container = %c.name, %reason, "readiness probe failed");
+            }
+            let ready = verdict.record(spec, result.is_ok());
+            if ready != published {
+                PodReport::update(report, ctx, pod, idx, |r| {
+                    r.status["ready"] = json!(ready);
+                    r.status["state"] = running.clone();
+                    r.status["restartCount"] = json!(restarts);
+                    r.ready = ready;
+                })
+                .await;
+                published = ready;
+            }
+            tokio::time::sleep(spec.period).await;
+        }
+    };
+    let liveness = async {
+        let Some(spec) = &c.liveness else {
+            return std::future::pending::<String>().await;
+        };
+        tokio::time::sleep(spec.initial_delay).await;
+        let mut verdict = probes::Verdict::new(true);
+        loop {
+            let result = probes::check(&spec.action, spec.timeout, exec).await;
+            if !verdict.record(spec, result.is_ok()) {
+                return result.err().unwrap_or_default();
+            }
+            tokio::time::sleep(spec.period).await;
+        }
+    };
+    tokio::select! {
+        () = readiness => unreachable!("the readiness loop never ends"),
+        reason = liveness => reason,
     }
 }
 
@@ -682,11 +881,12 @@ async fn run_sidecar(
     }
 }
 
-/// The kubelet's side of `pods/exec`: runs a command in a running pod's workload container,
-/// with the container's environment and, as root, inside its mount namespace (`nsenter`) as
-/// its user, so paths such as a volume's `mountPath` resolve as in the container. Without root
-/// it runs on the host with the container's (rewritten) environment. The command has
-/// [`EXEC_TIMEOUT`] to finish; the caller's own timeout should be shorter.
+/// The kubelet's side of `pods/exec`: runs a command in a running container of a pod (the
+/// one named, or the pod's only container), with the container's environment and, as root,
+/// inside its mount namespace (`nsenter`) as its user, so paths such as a volume's
+/// `mountPath` resolve as in the container. Without root it runs on the host with the
+/// container's (rewritten) environment. The command has [`EXEC_TIMEOUT`] to finish; the
+/// caller's own timeout should be shorter. Errors use the API server's and kubelet's wording.
 pub struct KubeletExec(pub Arc<NodeContext>);
 
 /// Longest an exec may run before the kubelet kills it.
@@ -709,71 +909,94 @@ impl crate::apiserver::exec::ExecBackend for KubeletExec {
                     .values()
                     .find(|r| r.namespace == namespace && r.name == pod)
                     .ok_or_else(|| ApiError::not_found("", "pods", &pod))?;
-                let target = running.exec.lock().expect("kubelet lock poisoned").clone();
-                target
-            };
-            let target = target.ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "pod {pod} does not have a host assigned or its container is not running"
-                ))
-            })?;
-            if let Some(c) = container.filter(|c| *c != target.container) {
-                return Err(ApiError::bad_request(format!(
-                    "container {c} is not valid for pod {pod} (the lab runs container {})",
-                    target.container
-                )));
-            }
-            let mut cmd = if is_root() {
-                let mut cmd = tokio::process::Command::new("nsenter");
-                cmd.args(["--target", &target.pid.to_string(), "--mount", "--"]);
-                if let Some((uid, gid)) = target.run_as {
-                    let gid = gid.unwrap_or(uid);
-                    cmd.args([
-                        "setpriv".to_string(),
-                        format!("--reuid={uid}"),
-                        format!("--regid={gid}"),
-                        "--clear-groups".into(),
-                        "--".into(),
-                    ]);
-                }
-                cmd.args(&command);
-                cmd
-            } else {
-                let mut cmd = tokio::process::Command::new(&command[0]);
-                cmd.args(&command[1..]);
-                cmd
-            };
-            if let Some(dir) = &target.working_dir {
-                cmd.current_dir(dir);
-            }
-            cmd.env_clear()
-                .env(
-                    "PATH",
-                    std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-                )
-                .envs(&target.env)
-                .stdin(Stdio::null())
-                .kill_on_drop(true);
-            let output = tokio::time::timeout(EXEC_TIMEOUT, cmd.output())
-                .await
-                .map_err(|_| {
-                    ApiError::internal(format!("command {command:?} ran over {EXEC_TIMEOUT:?}"))
+                let name = match (container, running.containers.as_slice()) {
+                    (Some(c), names) if names.contains(&c) => c,
+                    (Some(c), _) => {
+                        return Err(ApiError::bad_request(format!(
+                            "container {c} is not valid for pod {pod}"
+                        )))
+                    }
+                    (None, [only]) => only.clone(),
+                    (None, names) => {
+                        return Err(ApiError::bad_request(format!(
+                            "a container name must be specified for pod {pod}, choose one of: [{}]",
+                            names.join(" ")
+                        )))
+                    }
+                };
+                let target = running
+                    .exec
+                    .lock()
+                    .expect("kubelet lock poisoned")
+                    .get(&name)
+                    .cloned();
+                target.ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "unable to upgrade connection: container not found (\"{name}\")"
+                    ))
                 })?
-                .map_err(|e| {
-                    ApiError::internal(format!("starting {:?} in pod {pod}: {e}", command[0]))
-                })?;
-            use std::os::unix::process::ExitStatusExt;
-            let exit_code = output
-                .status
-                .code()
-                .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(9));
+            };
+            let output =
+                tokio::time::timeout(EXEC_TIMEOUT, container_command(&target, &command).output())
+                    .await
+                    .map_err(|_| {
+                        ApiError::internal(format!("command {command:?} ran over {EXEC_TIMEOUT:?}"))
+                    })?
+                    .map_err(|e| {
+                        ApiError::internal(format!("starting {:?} in pod {pod}: {e}", command[0]))
+                    })?;
             Ok(crate::apiserver::exec::ExecOutput {
                 stdout: output.stdout,
                 stderr: output.stderr,
-                exit_code,
+                exit_code: exit_code(output.status),
             })
         })
     }
+}
+
+/// `command` as it runs in container `target`: as root inside the container's mount
+/// namespace, as its user; its environment only, stdin closed, killed when dropped.
+fn container_command(target: &ExecTarget, command: &[String]) -> tokio::process::Command {
+    let mut cmd = if is_root() {
+        let mut cmd = tokio::process::Command::new("nsenter");
+        cmd.args(["--target", &target.pid.to_string(), "--mount", "--"]);
+        if let Some((uid, gid)) = target.run_as {
+            let gid = gid.unwrap_or(uid);
+            cmd.args([
+                "setpriv".to_string(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ]);
+        }
+        cmd.args(command);
+        cmd
+    } else {
+        let mut cmd = tokio::process::Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        cmd
+    };
+    if let Some(dir) = &target.working_dir {
+        cmd.current_dir(dir);
+    }
+    cmd.env_clear()
+        .env(
+            "PATH",
+            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .envs(&target.env)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// A process's exit code, or 128 + the signal that ended it, as a shell reports it.
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(9))
 }
 
 /// Resolves once the pod's stop has been requested.
@@ -1144,7 +1367,21 @@ async fn prepare_container(
         run_as: uid.map(|u| (u, gid)),
         log: pod_dir.join(format!("{}.log", c.name)),
         sidecar: c.restart_policy.as_deref() == Some("Always"),
+        readiness: container_probe(c, c.readiness_probe.as_ref(), ctx.ip),
+        liveness: container_probe(c, c.liveness_probe.as_ref(), ctx.ip),
     })
+}
+
+/// A container's probe as the lab runs it; one it cannot run (`grpc`, a port the container
+/// lacks) is logged and left out, so it neither gates readiness nor restarts the container.
+fn container_probe(
+    c: &Container,
+    probe: Option<&k8s_openapi::api::core::v1::Probe>,
+    pod_ip: std::net::IpAddr,
+) -> Option<probes::ProbeSpec> {
+    probes::ProbeSpec::new(probe?, c, pod_ip)
+        .map_err(|reason| warn!(container = %c.name, %reason, "probe not run by the lab"))
+        .ok()
 }
 
 /// Without mount namespaces, values naming a path under a mountPath point at the host path.

@@ -16,6 +16,7 @@
 
 pub mod catalog;
 pub mod kubelet;
+pub mod probes;
 pub mod snapshots;
 pub mod storage;
 pub mod timeline;
