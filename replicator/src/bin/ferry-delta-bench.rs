@@ -105,12 +105,59 @@ fn cpu_of(pid: &str) -> Result<Cpu> {
     })
 }
 
+/// Resets the peak resident set size of process `pid` (`self` or a PID): `5` written to
+/// `/proc/<pid>/clear_refs` (Linux 4.0 and later, proc(5)), so `VmHWM` restarts from the
+/// current resident set. Returns that resident set in bytes: the baseline the peak is
+/// measured from.
+///
+/// # Errors
+/// When the file cannot be written (another user's process, or an older kernel).
+fn reset_peak_rss(pid: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/clear_refs");
+    fs::write(&path, "5").with_context(|| format!("writing {path}"))?;
+    proc_status_bytes(pid, "VmRSS:")
+}
+
+/// Peak resident set size of process `pid` since its last reset, in bytes (`VmHWM` of
+/// `/proc/<pid>/status`).
+///
+/// # Errors
+/// When the file is unreadable or has no `VmHWM` line.
+fn peak_rss(pid: &str) -> Result<u64> {
+    proc_status_bytes(pid, "VmHWM:")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn proc_status_bytes(pid: &str, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in {path}"))?;
+    Ok(kib * 1024)
+}
+
+/// Bytes as MiB, rounded, for the table.
+fn mib(bytes: u64) -> String {
+    format!("{:.0}", bytes as f64 / MIB as f64)
+}
+
+/// A peak resident set and the resident set it grew from, for the table: `115 (52)`.
+fn peak_from(peak: u64, baseline: u64) -> String {
+    format!("{} ({})", mib(peak), mib(baseline))
+}
+
 /// One row of the results table.
 struct Row {
     name: String,
     wall: Duration,
     cpu_s: f64,
     wire_bytes: Option<u64>,
+    /// Peak resident set in MiB and, in brackets, the resident set it grew from, formatted
+    /// (e.g. `42 (30)`, or `40 (30) + 75 (20)` for source + destination).
+    peak_rss: Option<String>,
 }
 
 /// Deterministic pseudo-random bytes: BLAKE3's extendable output keyed by the seed.
@@ -226,13 +273,25 @@ fn rsync_wire_bytes(stats: &str) -> Option<u64> {
     Some(field("Total bytes sent")? + field("Total bytes received")?)
 }
 
-fn run_rsync(args: &[&str]) -> Result<(Duration, f64, Option<u64>)> {
+/// Where GNU time is (`apt-get install time`), to read a child's peak resident set.
+const GNU_TIME: &str = "/usr/bin/time";
+
+/// Runs rsync with `args`; returns wall time, CPU seconds, bytes on the wire from its
+/// `--stats`, and its peak resident set in bytes (the largest of its processes, through GNU
+/// time's `%M`) where GNU time is installed.
+fn run_rsync(args: &[&str]) -> Result<(Duration, f64, Option<u64>, Option<u64>)> {
     let before = cpu_of("self")?;
+    let rss_file = std::env::temp_dir().join(format!("ferry-bench-rss-{}", std::process::id()));
+    let timed = Path::new(GNU_TIME).exists();
+    let mut command = if timed {
+        let mut c = Command::new(GNU_TIME);
+        c.arg("-f").arg("%M").arg("-o").arg(&rss_file).arg("rsync");
+        c
+    } else {
+        Command::new("rsync")
+    };
     let start = Instant::now();
-    let output = Command::new("rsync")
-        .args(args)
-        .output()
-        .context("running rsync")?;
+    let output = command.args(args).output().context("running rsync")?;
     let wall = start.elapsed();
     let after = cpu_of("self")?;
     if !output.status.success() {
@@ -241,10 +300,17 @@ fn run_rsync(args: &[&str]) -> Result<(Duration, f64, Option<u64>)> {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let peak = timed
+        .then(|| fs::read_to_string(&rss_file).ok())
+        .flatten()
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024);
+    let _ = fs::remove_file(&rss_file);
     Ok((
         wall,
         after.children - before.children,
         rsync_wire_bytes(&String::from_utf8_lossy(&output.stdout)),
+        peak,
     ))
 }
 
@@ -341,13 +407,15 @@ fn rsync_daemon_row(
     args.extend_from_slice(extra);
     args.push(&source);
     args.push(&url);
-    let (wall, client_cpu, wire) = run_rsync(&args)?;
+    let (wall, client_cpu, wire, _) = run_rsync(&args)?;
     let after = daemon.cpu_after_idle()?;
     Ok(Row {
         name: name.into(),
         wall,
         cpu_s: client_cpu + (after - before),
         wire_bytes: wire,
+        // The daemon serves each connection from a forked child, whose peak is not read.
+        peak_rss: None,
     })
 }
 
@@ -423,6 +491,8 @@ impl GrpcPath {
         use ferry_replicator::source::{ship, Faults, ShipRequest, SourceVolume};
         let receiver_pid = self.receiver.id().to_string();
         let (own, theirs) = (cpu_of("self")?, cpu_of(&receiver_pid)?);
+        let base_self = reset_peak_rss("self")?;
+        let base_receiver = reset_peak_rss(&receiver_pid)?;
         let counted = self.counted.load(std::sync::atomic::Ordering::Relaxed);
         let start = Instant::now();
         let report = self.runtime.block_on(async {
@@ -462,6 +532,11 @@ impl GrpcPath {
         let wall = start.elapsed();
         // The relay counts once the connection's bytes are through; the commit ack was.
         let cpu_s = cpu_of("self")?.own - own.own + cpu_of(&receiver_pid)?.own - theirs.own;
+        let peak = format!(
+            "{} + {}",
+            peak_from(peak_rss("self")?, base_self),
+            peak_from(peak_rss(&receiver_pid)?, base_receiver)
+        );
         let wire = self.counted.load(std::sync::atomic::Ordering::Relaxed) - counted;
         let copy = self
             .replicas
@@ -480,6 +555,7 @@ impl GrpcPath {
             wall,
             cpu_s,
             wire_bytes: Some(wire),
+            peak_rss: Some(peak),
         })
     }
 }
@@ -605,6 +681,7 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
     let key = VolumeKey::new("bench", "image");
     let scan_options = ScanOptions::default();
     let before = cpu_of("self")?;
+    let baseline = reset_peak_rss("self")?;
     let start = Instant::now();
     let (full_wire, _) = ferry_sync(&store, &key, &source, &ferry_target, 1, &scan_options)?;
     let full_row = Row {
@@ -612,6 +689,7 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: Some(full_wire),
+        peak_rss: Some(peak_from(peak_rss("self")?, baseline)),
     };
     let receiver_exe = std::env::current_exe()?.with_file_name("ferry-replicator");
     let grpc = if receiver_exe.exists() {
@@ -646,11 +724,13 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             wall: first.wall,
             cpu_s: first.cpu_s,
             wire_bytes: first.wire_bytes,
+            peak_rss: first.peak_rss.clone(),
         });
         rows.push(grpc.ship(&source, 2)?);
     }
     drop(grpc);
     let before = cpu_of("self")?;
+    let baseline = reset_peak_rss("self")?;
     let start = Instant::now();
     let (wire, changed) = ferry_sync(&store, &key, &source, &ferry_target, 2, &scan_options)?;
     rows.push(Row {
@@ -658,6 +738,7 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: Some(wire),
+        peak_rss: Some(peak_from(peak_rss("self")?, baseline)),
     });
     if changed != written {
         bail!("Ferry found {changed} changed blocks, {written} were written");
@@ -681,10 +762,11 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: None,
+        peak_rss: None,
     });
 
     if rsync {
-        let (wall, cpu_s, wire_bytes) = run_rsync(&[
+        let (wall, cpu_s, wire_bytes, peak) = run_rsync(&[
             "--inplace",
             "--no-whole-file",
             "--ignore-times",
@@ -697,6 +779,8 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             wall,
             cpu_s,
             wire_bytes,
+            // A fresh process: it grew from nothing.
+            peak_rss: peak.map(|p| peak_from(p, 0)),
         });
         let daemon = RsyncDaemon::start(dir, &daemon_dir)?;
         rows.push(rsync_daemon_row(
@@ -732,8 +816,8 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         "Second sync of a {} MiB random image after 1% random 4 KiB writes (all targets checked equal to the source):\n",
         args.size_mib
     );
-    println!("| run | wall s | CPU s (user+sys) | bytes on the wire | % of image |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| run | wall s | CPU s (user+sys) | bytes on the wire | % of image | peak RSS MiB (from) |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         let (wire, pct) = match row.wire_bytes {
             Some(bytes) => (
@@ -743,12 +827,13 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             None => ("–".into(), "–".into()),
         };
         println!(
-            "| {} | {:.2} | {:.2} | {} | {} |",
+            "| {} | {:.2} | {:.2} | {} | {} | {} |",
             row.name,
             row.wall.as_secs_f64(),
             row.cpu_s,
             wire,
-            pct
+            pct,
+            row.peak_rss.as_deref().unwrap_or("–")
         );
     }
     println!("\nFull-read hashing rate of the same image (warm page cache):\n");
@@ -778,6 +863,18 @@ mod tests {
         for (stats, expected) in cases {
             assert_eq!(rsync_wire_bytes(stats), expected, "{stats:?}");
         }
+    }
+
+    #[test]
+    fn peak_rss_of_self_resets_and_reads() {
+        let baseline = reset_peak_rss("self").unwrap();
+        let peak = peak_rss("self").unwrap();
+        assert!(peak >= baseline / 2 && baseline > 0, "{baseline} {peak}");
+        // Touch 32 MiB: the peak grows by about that much.
+        let buffer = vec![1u8; 32 << 20];
+        let grown = peak_rss("self").unwrap();
+        assert!(buffer.iter().all(|&b| b == 1));
+        assert!(grown >= peak + (30 << 20), "{peak} -> {grown}");
     }
 
     #[test]
