@@ -199,6 +199,16 @@ async fn kubectl_drives_a_lab_site() {
             ),
             "4"
         );
+        // The table kubectl prints has the built-in printer's columns.
+        let table = kubectl(&kc, &["-n", "shop", "get", "deploy", "web"]);
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"],
+            "{table}"
+        );
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert!(row[0] == "web" && row[1].ends_with("/4"), "{table}");
 
         // Server-side apply takes the fields back from the other managers when forced.
         kubectl(

@@ -300,6 +300,12 @@ async fn claims_are_provisioned_and_bound_and_classes_exist() {
         lab.claim("raw", VolumeMode::Block, "64Mi", None).await;
         let (files, mode) = lab.bound("files").await;
         assert_eq!(mode, VolumeMode::Filesystem);
+        // Claims made without a class get the default one, as DefaultStorageClass admits them.
+        let claim = lab.claims().get("files").await.unwrap();
+        assert_eq!(
+            claim.spec.unwrap().storage_class_name.as_deref(),
+            Some(STORAGE_CLASS)
+        );
         assert!(files.is_dir(), "{} is a directory", files.display());
         let (raw, mode) = lab.bound("raw").await;
         assert_eq!(mode, VolumeMode::Block);

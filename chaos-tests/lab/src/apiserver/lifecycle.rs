@@ -98,6 +98,40 @@ pub fn check_namespace_open(store: &Store, namespace: &str) -> Result<(), ApiErr
     Ok(())
 }
 
+/// The annotation that marks the cluster's default StorageClass.
+pub const ANN_DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
+const STORAGE_CLASSES: &str = "storage.k8s.io/storageclasses";
+
+/// Gives a new PersistentVolumeClaim without `spec.storageClassName` the default
+/// StorageClass, as the DefaultStorageClass admission plugin does, so captured claims name
+/// their class as on a cluster. An explicit `""` (no class) is left alone.
+///
+/// # Errors
+/// [`ApiError`] when the StorageClasses cannot be read.
+pub fn admit_default_storage_class(
+    store: &Store,
+    info: &ResourceInfo,
+    obj: &mut Value,
+) -> Result<(), ApiError> {
+    let is_claim = info.group.is_empty() && info.plural == "persistentvolumeclaims";
+    if !is_claim
+        || !obj["spec"]
+            .get("storageClassName")
+            .is_none_or(Value::is_null)
+    {
+        return Ok(());
+    }
+    let (classes, _) = store.list(&format!("{STORAGE_CLASSES}/"))?;
+    let default = classes.iter().find_map(|(_, class)| {
+        (class["metadata"]["annotations"][ANN_DEFAULT_CLASS] == "true")
+            .then(|| class["metadata"]["name"].clone())
+    });
+    if let (Some(class), Some(spec)) = (default, obj["spec"].as_object_mut()) {
+        spec.insert("storageClassName".into(), class);
+    }
+    Ok(())
+}
+
 /// Kind-specific validation of built-in objects the lab relies on (CRDs must be well formed
 /// before they can be served).
 ///

@@ -11,6 +11,7 @@ pub mod errors;
 pub mod exec;
 pub mod lifecycle;
 pub mod objects;
+pub mod printers;
 pub mod registry;
 pub mod request;
 pub mod scale;

@@ -361,6 +361,7 @@ fn prepare_create(req: &Req<'_>, mut obj: Value) -> Result<Value, ApiError> {
         &mut obj,
         req.info.namespaced.then_some(ns.as_str()),
     );
+    lifecycle::admit_default_storage_class(&req.state.store, req.info, &mut obj)?;
     lifecycle::check_builtin(req.info, &obj)?;
     check_schema(req.info, &mut obj)?;
     Ok(obj)

@@ -59,8 +59,9 @@ pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 pub const ANN_BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
 /// PV annotation naming the provisioner that created the volume.
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
-/// StorageClass annotation marking the cluster's default class.
-pub const ANN_DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
+/// StorageClass annotation marking the cluster's default class (the API server's admission
+/// gives unclassed claims that class).
+pub use crate::apiserver::lifecycle::ANN_DEFAULT_CLASS;
 /// The `csi.volumeAttributes` key holding a lab volume's absolute host path.
 pub const PATH_ATTRIBUTE: &str = "path";
 /// API group of the snapshot kinds, as a `dataSource.apiGroup` names it.
@@ -1106,8 +1107,9 @@ fn check_fits(pvc: &PersistentVolumeClaim, pv: &PersistentVolume) -> Result<(), 
         claim_spec.storage_class_name.unwrap_or_default(),
         pv_spec.storage_class_name.unwrap_or_default(),
     );
-    // A claim without a class matches any volume here (the lab admits no default class into
-    // claims, which a real cluster's DefaultStorageClass admission would).
+    // A claim without a class (created before the default class existed, or `""`) matches
+    // any volume here; the API server gives new unclassed claims the default class, as the
+    // DefaultStorageClass admission plugin does, so a class is the usual case.
     if !claim_class.is_empty() && claim_class != pv_class {
         return Err(mismatch(format!(
             "storage class {pv_class:?}, the claim asks for {claim_class:?}"
