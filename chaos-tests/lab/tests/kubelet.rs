@@ -61,23 +61,22 @@ fn sqlite_writer(args: &[&str], data: &std::path::Path) -> (bool, String) {
     )
 }
 
-fn alive(pid: u32) -> bool {
-    ferry_lab::sites::alive(pid as i32)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
-    let dir = tempfile::tempdir().unwrap();
+/// A lab site named `name` in `dir` running the catalog of this build, its client, and
+/// namespace `ns` created in it.
+async fn site_with_namespace(
+    name: &str,
+    dir: &std::path::Path,
+    ns: &str,
+) -> (SiteRuntime, kube::Client) {
     let site = SiteRuntime::start_with_catalog(
-        "k",
-        dir.path(),
+        name,
+        dir,
         "127.0.0.1:0".parse().unwrap(),
         Catalog::with_exe(ferry_lab_bin()),
     )
     .await
     .unwrap();
-    let client = client_from(&dir.path().join("kubeconfig")).await.unwrap();
-    let ns = "ledger";
+    let client = client_from(&dir.join("kubeconfig")).await.unwrap();
     Api::<Namespace>::all(client.clone())
         .create(
             &PostParams::default(),
@@ -85,6 +84,18 @@ async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
         )
         .await
         .unwrap();
+    (site, client)
+}
+
+fn alive(pid: u32) -> bool {
+    ferry_lab::sites::alive(pid as i32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = "ledger";
+    let (site, client) = site_with_namespace("k", dir.path(), ns).await;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     pvcs.create(&PostParams::default(), &serde_json::from_value(json!({
         "metadata": {"name": "data", "labels": {"app": "ledger"}},
@@ -275,23 +286,8 @@ async fn postgres_runs_as_a_non_root_pod_on_its_pvc() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let site = SiteRuntime::start_with_catalog(
-        "pg",
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        Catalog::with_exe(ferry_lab_bin()),
-    )
-    .await
-    .unwrap();
-    let client = client_from(&dir.path().join("kubeconfig")).await.unwrap();
     let ns = "db";
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (site, client) = site_with_namespace("pg", dir.path(), ns).await;
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "pgdata"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "256Mi"}}}})).unwrap())
         .await
@@ -415,23 +411,8 @@ fn pod_ready(pod: &Pod) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_container_runs_and_probes_gate_readiness_and_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let site = SiteRuntime::start_with_catalog(
-        "m",
-        dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        Catalog::with_exe(ferry_lab_bin()),
-    )
-    .await
-    .unwrap();
-    let client = client_from(&dir.path().join("kubeconfig")).await.unwrap();
     let ns = "multi";
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (site, client) = site_with_namespace("m", dir.path(), ns).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     // SHARED names the emptyDir's mountPath, so the commands work with and without mount
     // namespaces (without root the kubelet rewrites it to the host path).
