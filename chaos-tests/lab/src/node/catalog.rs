@@ -42,6 +42,9 @@ pub struct Launch {
     pub program: PathBuf,
     /// Arguments (without the program name).
     pub args: Vec<String>,
+    /// The signal that asks the process to stop, as the image's `StopSignal` (OCI image
+    /// config) names it for the container runtime: `TERM` unless the image says otherwise.
+    pub stop_signal: &'static str,
 }
 
 /// The catalog, bound to this machine's binaries.
@@ -101,6 +104,7 @@ impl Catalog {
                     .into_iter()
                     .chain(rest)
                     .collect(),
+                stop_signal: "TERM",
             }
         };
         match image_name(image) {
@@ -108,7 +112,12 @@ impl Catalog {
             "ghcr.io/ferry-dr/ferry-replicator" => Ok(multi_call("ferry-replicator")),
             "ghcr.io/ferry-dr/ferry-controller" => Ok(multi_call("ferry-controller")),
             "ghcr.io/ferry-dr/ferry-gate" => Ok(multi_call("ferry-gate")),
-            "postgres" => Ok(multi_call("postgres")),
+            // The official image stops with SIGINT (fast shutdown: clients disconnected, a
+            // checkpoint written); SIGTERM would wait for every client to leave.
+            "postgres" => Ok(Launch {
+                stop_signal: "INT",
+                ..multi_call("postgres")
+            }),
             "busybox" => {
                 let mut argv = command.iter().chain(args.iter()).cloned();
                 let program = argv.next().ok_or_else(|| CatalogError::NoCommand {
@@ -117,6 +126,7 @@ impl Catalog {
                 Ok(Launch {
                     program: PathBuf::from(program),
                     args: argv.collect(),
+                    stop_signal: "TERM",
                 })
             }
             _ => Err(CatalogError::UnknownImage {
@@ -151,6 +161,11 @@ mod tests {
             .resolve("ferry-lab/sqlite-writer", &[], &["verify".into()])
             .unwrap();
         assert_eq!(l.args, ["image", "sqlite-writer", "verify"]);
+        assert_eq!(l.stop_signal, "TERM");
+        assert_eq!(
+            c.resolve("postgres:15", &[], &[]).unwrap().stop_signal,
+            "INT"
+        );
         let l = c
             .resolve("busybox", &["sh".into(), "-c".into()], &["sleep 1".into()])
             .unwrap();

@@ -18,7 +18,8 @@
 //!    container states, readiness, restart counts), and restarts exited containers (and ones
 //!    failing their liveness probe) as the pod's `restartPolicy` says, with exponential
 //!    back-off;
-//! 5. when the pod is deleted, sends SIGTERM to the process group, then SIGKILL after
+//! 5. when the pod is deleted, sends the image's stop signal (SIGTERM, or SIGINT for
+//!    `postgres`, as its image declares) to the process group, then SIGKILL after
 //!    `terminationGracePeriodSeconds`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -627,10 +628,10 @@ async fn run_container(
         let probing = run_probes(ctx, &pod, idx, &c, &target, &report, restarts, &running);
         let exit = tokio::select! {
             status = child.wait() => status.ok(),
-            _ = until_stopped(&mut stopped) => terminate(pid, grace, &mut child).await,
+            _ = until_stopped(&mut stopped) => terminate(pid, c.launch.stop_signal, grace, &mut child).await,
             reason = probing => {
                 info!(pid, container = %c.name, %reason, "liveness probe failed; killing the container");
-                terminate(pid, grace, &mut child).await
+                terminate(pid, c.launch.stop_signal, grace, &mut child).await
             }
         };
         ctx.volume_users.remove_pid(pid);
@@ -793,7 +794,7 @@ async fn run_init_containers(
             .await;
             let exit = tokio::select! {
                 status = child.wait() => status.ok(),
-                _ = until_stopped(stopped) => terminate(pid, grace, &mut child).await,
+                _ = until_stopped(stopped) => terminate(pid, c.launch.stop_signal, grace, &mut child).await,
             };
             ctx.volume_users.remove_pid(pid);
             if *stopped.borrow() {
@@ -867,7 +868,7 @@ async fn run_sidecar(
             _ = until_stopped(&mut sidecars_stopped) => true,
         };
         if stop {
-            terminate(pid, grace, &mut child).await;
+            terminate(pid, c.launch.stop_signal, grace, &mut child).await;
             return;
         }
         restarts += 1;
@@ -1005,13 +1006,15 @@ async fn until_stopped(stopped: &mut watch::Receiver<bool>) {
     let _ = stopped.wait_for(|s| *s).await;
 }
 
-/// SIGTERM to the process group, SIGKILL after `grace_seconds`; returns the exit status.
+/// The image's stop signal (`stop_signal`, e.g. `TERM`) to the process group, SIGKILL after
+/// `grace_seconds`; returns the exit status.
 async fn terminate(
     pid: u32,
+    stop_signal: &str,
     grace_seconds: u64,
     child: &mut tokio::process::Child,
 ) -> Option<std::process::ExitStatus> {
-    signal_group("TERM", pid);
+    signal_group(stop_signal, pid);
     match tokio::time::timeout(Duration::from_secs(grace_seconds), child.wait()).await {
         Ok(status) => status.ok(),
         Err(_) => {
