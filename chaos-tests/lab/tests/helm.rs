@@ -1,7 +1,8 @@
 //! The Helm chart (`deploy/helm/ferry`): `deploy/base/` is exactly its rendering with the
 //! default values (so the lab, which installs `deploy/`, runs the chart), it passes
-//! `helm lint --strict`, and `helm install`, `upgrade` and `uninstall` against a lab site
-//! bring Ferry's components up, change them and take them away.
+//! `helm lint --strict`, its values schema refuses bad values naming the field, and
+//! `helm install`, `upgrade` and `uninstall` against a lab site bring Ferry's components up,
+//! change them and take them away.
 //!
 //! Skipped with a message where helm is absent; under CI (`CI=true`) its absence fails, since
 //! `.ci/install-test-deps.sh` installs it.
@@ -109,6 +110,30 @@ fn deploy_base_is_the_charts_rendering_and_the_chart_lints() {
         json!({"site": "a", "witnesses": "w1:7201,w2:7201,w3:7201", "lease": "7s"}),
         "{rendered}"
     );
+    // values.schema.json refuses bad values, naming the field.
+    for (set, says) in [
+        (
+            "replicator.retain=0",
+            "replicator.retain: Must be greater than or equal to 1",
+        ),
+        ("site.lease=ten", "site.lease: Does not match pattern"),
+        ("site.name=Site_A", "site.name: Does not match pattern"),
+        ("site.witnesses={w1:7201,w2:7201}", "site.witnesses"),
+        (
+            "replicator.retian=3",
+            "Additional property retian is not allowed",
+        ),
+    ] {
+        let out = Command::new(&helm_bin)
+            .args(["template", "ferry", chart.to_str().unwrap(), "--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "--set {set}: {stderr}"
+        );
+    }
 }
 
 async fn ready_replicas(deployments: &Api<Deployment>, name: &str) -> Result<Deployment, String> {
@@ -193,7 +218,11 @@ async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
         "site.name=a,site.lease=7s",
         "--disable-openapi-validation",
     ];
-    helm(&helm_bin, Some(&kubeconfig), &install);
+    let notes = helm(&helm_bin, Some(&kubeconfig), &install);
+    assert!(
+        notes.contains("Ferry is installed in ferry-system for site a."),
+        "{notes}"
+    );
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
