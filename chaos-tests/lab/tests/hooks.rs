@@ -1,5 +1,5 @@
-//! Capture hooks on the lab: `spec.hooks.preCapture` runs in the app's pod, with the pod's
-//! environment, before the snapshots (its marker file is in the generation at `b`), and
+//! Capture hooks on the lab: `spec.hooks.preCapture` runs in the app's pod (in its first
+//! container, the pod having two), with the container's environment, before the snapshots (its marker file is in the generation at `b`), and
 //! `postCapture` after them (the marker is gone from the live volume). A failing pre-capture
 //! hook fails the sync with its field, pod, exit code and stderr named, and the last good
 //! generation stays the newest.
@@ -8,7 +8,9 @@ mod e2e;
 
 use ferry_lab::node::storage::bound_volume;
 use ferry_schemas::DRPair;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 
 use e2e::{eventually, setup, sync_now, Lab, NS};
@@ -18,6 +20,36 @@ async fn hooks_run_in_the_pod_around_the_snapshots_and_a_failing_one_fails_the_s
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
     let (a, b) = setup(&lab.0).await;
+    // A second container in the app's pod (an exporter, say): the API server then needs a
+    // container name for exec, and a hook without one runs in the pod's first container.
+    let deployments: Api<Deployment> = Api::namespaced(a.clone(), NS);
+    let exporter = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "exporter", "image": "busybox", "command": ["sh", "-c", "exec sleep 3600"]}
+    ]}}}});
+    deployments
+        .patch(
+            "ledger",
+            &PatchParams::default(),
+            &Patch::Strategic(&exporter),
+        )
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(a.clone(), NS);
+    eventually("the app's pod running both containers", || async {
+        let list = pods
+            .list(&ListParams::default().labels("app=ledger"))
+            .await
+            .map_err(|e| e.to_string())?;
+        let running = |p: &Pod| {
+            let statuses = p.status.as_ref().and_then(|s| s.container_statuses.clone());
+            statuses.is_some_and(|cs| cs.len() == 2 && cs.iter().all(|c| c.ready))
+        };
+        match list.items.as_slice() {
+            [pod] if pod.metadata.deletion_timestamp.is_none() && running(pod) => Ok(()),
+            other => Err(format!("{} pods", other.len())),
+        }
+    })
+    .await;
     let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
     let hooks = |pre: serde_json::Value| {
         json!({"spec": {"hooks": {
