@@ -84,6 +84,28 @@ fn last_stop(entries: &[ferry_lab::node::timeline::TimelineEntry]) -> Option<u64
         .max()
 }
 
+/// After a's loss of the lease from `fault_at` (ms): waits for b's failover to epoch 2, then
+/// checks from the timelines that a's app stopped before b's started and never ran at both
+/// sites; prints the two intervals, naming the fault `what`.
+async fn assert_a_stops_before_b_starts(
+    lab: &std::path::Path,
+    b: &Client,
+    fault_at: u64,
+    what: &str,
+) {
+    completed_failover(b, 2).await;
+    let (at_a, at_b) = timelines(lab);
+    let stopped_a = last_stop(&at_a).expect("the app stopped at a");
+    let started_b = last_start(&at_b).expect("the app started at b");
+    println!(
+        "{what} at {fault_at}: a stopped the app {} ms later, b started it {} ms after that",
+        stopped_a - fault_at,
+        started_b - stopped_a
+    );
+    assert!(stopped_a < started_b, "a's app stops before b's starts");
+    assert_never_at_both_sites(lab);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_loss_b_runs_the_app_with_every_transaction_of_its_generation() {
     let _serial = SERIAL.lock().await;
@@ -162,17 +184,7 @@ async fn a_partitioned_site_fences_itself_before_b_is_promoted() {
         (phase(&p) == "Fenced").then_some(()).ok_or(phase(&p))
     })
     .await;
-    completed_failover(&b, 2).await;
-    let (at_a, at_b) = timelines(&lab.0);
-    let stopped_a = last_stop(&at_a).expect("the app stopped at a");
-    let started_b = last_start(&at_b).expect("the app started at b");
-    println!(
-        "partitioned at {cut_at}: a stopped the app {} ms later, b started it {} ms after that",
-        stopped_a - cut_at,
-        started_b - stopped_a
-    );
-    assert!(stopped_a < started_b, "a fences before b is promoted");
-    assert_never_at_both_sites(&lab.0);
+    assert_a_stops_before_b_starts(&lab.0, &b, cut_at, "partitioned").await;
 
     let healed_at = now_ms();
     lab_control("site", "heal", "a", &lab.0);
@@ -434,17 +446,9 @@ async fn with_its_controller_gone_a_site_still_stops_the_app_before_the_peer_tak
         )
         .await
         .unwrap();
-    completed_failover(&b, 2).await;
-    let (at_a, at_b) = timelines(&lab.0);
-    let stopped_a = last_stop(&at_a).expect("the app stopped at a");
-    let started_b = last_start(&at_b).expect("the app started at b");
-    println!(
-        "controller at a scaled to zero at {down_at}: the fence sidecar stopped the app {} ms later, b started it {} ms after that",
-        stopped_a - down_at,
-        started_b - stopped_a
-    );
-    assert!(stopped_a < started_b, "a's app stops before b's starts");
-    assert_never_at_both_sites(&lab.0);
+    // The fence sidecar stops the app at a.
+    let what = "controller at a scaled to zero";
+    assert_a_stops_before_b_starts(&lab.0, &b, down_at, what).await;
 
     // The controller comes back: a is demoted and runs nothing.
     let back_at = now_ms();
