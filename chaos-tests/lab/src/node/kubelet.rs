@@ -981,15 +981,24 @@ fn container_command(target: &ExecTarget, command: &[String]) -> tokio::process:
     if let Some(dir) = &target.working_dir {
         cmd.current_dir(dir);
     }
+    container_env_only(&mut cmd, &target.env)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Gives `cmd` exactly the container's environment `env`, plus the host's `PATH` (the lab's
+/// processes run the host's binaries).
+fn container_env_only<'c>(
+    cmd: &'c mut tokio::process::Command,
+    env: &BTreeMap<String, String>,
+) -> &'c mut tokio::process::Command {
     cmd.env_clear()
         .env(
             "PATH",
             std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
         )
-        .envs(&target.env)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
+        .envs(env)
 }
 
 /// A process's exit code, or 128 + the signal that ended it, as a shell reports it.
@@ -1119,12 +1128,7 @@ fn spawn(c: &Prepared) -> Result<tokio::process::Child, PodError> {
         }
         cmd
     };
-    cmd.env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        )
-        .envs(&c.env)
+    container_env_only(&mut cmd, &c.env)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
