@@ -309,9 +309,16 @@ async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
         (left.items.is_empty() && remaining.items.is_empty())
             .then_some(())
             .ok_or(format!(
-                "{} pods, {} deployments",
-                left.items.len(),
-                remaining.items.len()
+                "{} deployments, pods (name, phase, deletionTimestamp): {:?}",
+                remaining.items.len(),
+                left.items
+                    .iter()
+                    .map(|p| (
+                        p.metadata.name.clone(),
+                        p.status.as_ref().and_then(|s| s.phase.clone()),
+                        p.metadata.deletion_timestamp.clone()
+                    ))
+                    .collect::<Vec<_>>()
             ))
     })
     .await;
