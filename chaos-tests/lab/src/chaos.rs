@@ -55,6 +55,8 @@ pub struct ChaosOptions {
     pub dir: Option<PathBuf>,
     /// The `ferry-lab` binary (default: this process's own; tests pass the built binary).
     pub exe: Option<PathBuf>,
+    /// The sites' control plane.
+    pub settings: crate::control_plane::LabSettings,
 }
 
 /// One injected fault.
@@ -276,7 +278,7 @@ pub async fn run(options: &ChaosOptions) -> Result<Vec<RunReport>> {
             options.runs,
             dir.display()
         );
-        let report = run_once(&exe, &dir, seed, options.steps).await;
+        let report = run_once(&exe, &dir, seed, options).await;
         let _ = ferry_lab(&exe, &dir, &["down"]);
         let report = report.unwrap_or_else(|e| RunReport {
             seed,
@@ -362,13 +364,14 @@ fn print_summary(reports: &[RunReport]) {
     }
 }
 
-async fn run_once(exe: &Path, dir: &Path, seed: u64, steps: u32) -> Result<RunReport> {
+async fn run_once(exe: &Path, dir: &Path, seed: u64, options: &ChaosOptions) -> Result<RunReport> {
+    let steps = options.steps;
     let protection = Protection::AUTOMATIC;
-    ferry_lab(
-        exe,
-        dir,
-        &["up", "--sites", "a,b", "--lease", protection.lease],
-    )?;
+    let mut up: Vec<String> = ["up", "--sites", "a,b", "--lease", protection.lease]
+        .map(String::from)
+        .into();
+    up.extend(options.settings.up_args());
+    ferry_lab(exe, dir, &up.iter().map(String::as_str).collect::<Vec<_>>())?;
     let a = client_from(&dir.join("a/kubeconfig")).await?;
     let b = client_from(&dir.join("b/kubeconfig")).await?;
     ledger_app::deploy(&a, &protection, Duration::from_secs(120)).await?;

@@ -37,6 +37,8 @@ pub struct DemoOptions {
     /// The `ferry-lab` binary to run `up`/`down` with (default: this process's own, which is
     /// right for the CLI; tests pass the built binary).
     pub exe: Option<PathBuf>,
+    /// The sites' control plane.
+    pub settings: crate::control_plane::LabSettings,
 }
 
 /// What the demo measured; `ok()` says whether every check held.
@@ -115,10 +117,17 @@ pub async fn run(options: &DemoOptions) -> Result<DemoReport> {
         }
     };
     println!(
-        "== starting two lab sites with Ferry deployed in {}",
+        "== starting two lab sites ({} control plane) with Ferry deployed in {}",
+        options.settings.control_plane.as_str(),
         dir.display()
     );
-    ferry_lab(&options.exe, &dir, &["up", "--sites", "a,b"])?;
+    let mut up = vec!["up".to_string(), "--sites".into(), "a,b".into()];
+    up.extend(options.settings.up_args());
+    ferry_lab(
+        &options.exe,
+        &dir,
+        &up.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
     let result = scenario(&dir, options).await;
     if options.keep {
         println!("\nThe lab keeps running. Explore it with:");

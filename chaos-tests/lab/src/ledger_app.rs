@@ -55,7 +55,7 @@ impl Protection {
 }
 
 /// The app's objects: Namespace, PVC `ledger-data` (32 Mi), Deployment `ledger` (1 replica,
-/// a commit every 20 ms) and the DRPair.
+/// a commit every 20 ms) and the DRPair; gated, also the Role and RoleBinding the gate needs.
 pub fn objects(protection: &Protection) -> Vec<Value> {
     let mut pod = json!({"containers": [{"name": "w", "image": "ferry-lab/sqlite-writer",
         "env": [{"name": "DATA_DIR", "value": "/data"}, {"name": "WRITE_INTERVAL_MS", "value": "20"}],
@@ -79,14 +79,28 @@ pub fn objects(protection: &Protection) -> Vec<Value> {
     if protection.automatic {
         spec["failover"] = json!({"mode": "Automatic", "siteLossTimeout": format!("{}s", Protection::SITE_LOSS_TIMEOUT_SECONDS)});
     }
-    vec![
+    let mut objects = vec![
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
         json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ledger-data", "namespace": NAMESPACE}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "32Mi"}}}}),
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": PAIR, "namespace": NAMESPACE, "labels": {"app": PAIR}}, "spec": {
             "replicas": 1, "selector": {"matchLabels": {"app": PAIR}},
             "template": {"metadata": {"labels": {"app": PAIR}}, "spec": pod}}}),
         json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair", "metadata": {"name": PAIR, "namespace": NAMESPACE}, "spec": spec}),
-    ]
+    ];
+    if protection.gated {
+        // What the gate does under the pod's ServiceAccount (docs/failover.md): read the
+        // pair's site-local Lease, and delete its own pod when the lease ends. Enforced on a
+        // real control plane; replicated with the app like any of its manifests.
+        objects.insert(1, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE},
+            "rules": [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
+            ]}));
+        objects.insert(2, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ferry-gate"},
+            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": NAMESPACE}]}));
+    }
+    objects
 }
 
 /// Applies the app at site `a` (server-side apply), then waits until it writes there (gated

@@ -13,6 +13,7 @@
 
 pub mod apiserver;
 pub mod chaos;
+pub mod control_plane;
 pub mod demo;
 pub mod images;
 pub mod install;

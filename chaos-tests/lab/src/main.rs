@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use ferry_lab::control_plane::{ControlPlane, KubeKit, LabSettings};
 use ferry_lab::install::InstallOptions;
 use ferry_lab::site::SiteRuntime;
 use ferry_lab::sites::{self, SiteLayout};
@@ -21,6 +22,48 @@ struct Cli {
     command: Cmd,
 }
 
+/// Which control plane the sites run (recorded in `DIR/lab.json` by `up`).
+#[derive(Args, Clone, Debug)]
+struct PlaneArgs {
+    /// `lab` (the lab's own API server; needs nothing but this binary) or `kubernetes` (real
+    /// etcd, kube-apiserver, kube-controller-manager and kube-scheduler; needs root).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "lab",
+        env = "FERRY_LAB_CONTROL_PLANE"
+    )]
+    control_plane: ControlPlane,
+    /// Directory of kube-apiserver, kube-controller-manager and kube-scheduler (default:
+    /// $FERRY_LAB_KUBE_BIN, then PATH); etcd comes from PATH.
+    #[arg(long, env = "FERRY_LAB_KUBE_BIN")]
+    kube_bin: Option<PathBuf>,
+    /// Directory of snapshot.storage.k8s.io CRD files to install on a real control plane
+    /// (default: the lab's own definitions).
+    #[arg(long, env = "FERRY_LAB_SNAPSHOT_CRDS")]
+    snapshot_crds: Option<PathBuf>,
+}
+
+impl PlaneArgs {
+    /// The settings these arguments choose; a real control plane's kit is checked now, so
+    /// a missing binary is reported before anything starts.
+    fn settings(&self) -> Result<LabSettings> {
+        if self.control_plane == ControlPlane::Kubernetes {
+            KubeKit::locate(self.kube_bin.as_deref())?;
+            anyhow::ensure!(
+                ferry_lab::node::kubelet::is_root(),
+                "--control-plane kubernetes needs root: pods get their service-account token \
+                 at /var/run/secrets/kubernetes.io/serviceaccount in their own mount namespace"
+            );
+        }
+        Ok(LabSettings {
+            control_plane: self.control_plane,
+            kube_bin: self.kube_bin.clone(),
+            snapshot_crds: self.snapshot_crds.clone(),
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Start the sites and return once they are ready.
@@ -34,6 +77,8 @@ enum Cmd {
         /// Only the sites, without Ferry's components or witnesses.
         #[arg(long)]
         bare: bool,
+        #[command(flatten)]
+        plane: PlaneArgs,
         /// Witnesses of the quorum: 3 or 5, or 0 for none (no leases, no automatic failover).
         #[arg(long, default_value_t = 3)]
         witnesses: u64,
@@ -107,6 +152,8 @@ enum Cmd {
         /// Seconds of steady replication to watch before migrating.
         #[arg(long, default_value_t = 40)]
         observe_seconds: u64,
+        #[command(flatten)]
+        plane: PlaneArgs,
     },
     /// Seeded random chaos runs against automatic failover, each checked against the DR
     /// invariants; exits non-zero if any run broke one (its seed and a replay command are
@@ -124,6 +171,8 @@ enum Cmd {
         /// Where to put the runs' labs (default: the system temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+        #[command(flatten)]
+        plane: PlaneArgs,
     },
     /// Run one site in the foreground (what `up` starts in the background).
     Serve {
@@ -133,6 +182,9 @@ enum Cmd {
         /// Site name.
         #[arg(long)]
         site: String,
+        /// Used when the lab has no `lab.json` yet (a site served without `up`).
+        #[command(flatten)]
+        plane: PlaneArgs,
     },
 }
 
@@ -171,6 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             dir,
             sites: names,
             bare,
+            plane,
             witnesses,
             lease,
             site_loss_timeout,
@@ -183,7 +236,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             ));
             let install = (!bare).then_some(InstallOptions { lease });
-            up(&dir, &names, quorum, install)
+            up(&dir, &names, &plane.settings()?, quorum, install)
         }
         Cmd::Witness { action, id, dir } => {
             if action == "kill" {
@@ -249,21 +302,23 @@ fn run(cli: Cli) -> Result<()> {
                     .position(|s| *s == name)
                     .unwrap_or(0);
                 let r = sites::start_site(&dir, &name, index, Duration::from_secs(30))?;
-                println!("site {name}: started at http://{}", r.listen);
+                println!("site {name}: started at {}", r.url());
                 Ok(())
             }
         },
-        Cmd::Serve { dir, site } => serve(&dir, &site),
+        Cmd::Serve { dir, site, plane } => serve(&dir, &site, &plane),
         Cmd::Demo {
             dir,
             keep,
             observe_seconds,
+            plane,
         } => {
             let options = ferry_lab::demo::DemoOptions {
                 dir,
                 keep,
                 observe_seconds,
                 exe: None,
+                settings: plane.settings()?,
             };
             let report =
                 tokio::runtime::Runtime::new()?.block_on(ferry_lab::demo::run(&options))?;
@@ -277,6 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             steps,
             dir,
+            plane,
         } => {
             let seed = seed.unwrap_or_else(ferry_lab::node::timeline::now_ms);
             println!("chaos: {runs} runs from seed {seed}, {steps} faults each");
@@ -286,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
                 steps,
                 dir,
                 exe: None,
+                settings: plane.settings()?,
             };
             let reports =
                 tokio::runtime::Runtime::new()?.block_on(ferry_lab::chaos::run(&options))?;
@@ -313,14 +370,31 @@ fn run_image(args: Vec<String>) -> ExitCode {
 fn up(
     dir: &Path,
     names: &[String],
+    settings: &LabSettings,
     quorum: Option<(u64, WitnessSettings)>,
     install: Option<InstallOptions>,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
+    if sites::list_sites(&dir).is_empty() {
+        settings.write(&dir)?;
+    } else {
+        let existing = LabSettings::read(&dir)?.control_plane;
+        anyhow::ensure!(
+            existing == settings.control_plane,
+            "the lab in {} runs the {} control plane; it cannot be brought up with {}",
+            dir.display(),
+            existing.as_str(),
+            settings.control_plane.as_str()
+        );
+    }
     for (i, name) in names.iter().enumerate() {
         let r = sites::start_site(&dir, name, i, Duration::from_secs(30))?;
-        println!("site {name}: ready at http://{}", r.listen);
+        println!(
+            "site {name}: ready at {} ({} control plane)",
+            r.url(),
+            settings.control_plane.as_str()
+        );
         println!(
             "  kubectl --kubeconfig {} get ns",
             SiteLayout::in_lab(&dir, name).kubeconfig().display()
@@ -384,7 +458,7 @@ fn status(dir: &Path) -> Result<()> {
         let paths = SiteLayout::in_lab(dir, &name);
         let r = paths.read_record()?;
         match paths.running_pid() {
-            Some(pid) => println!("site {name}: running (pid {pid}) at http://{}", r.listen),
+            Some(pid) => println!("site {name}: running (pid {pid}) at {}", r.url()),
             None => println!("site {name}: stopped"),
         }
     }
@@ -399,15 +473,38 @@ fn status(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(dir: &Path, site: &str) -> Result<()> {
+fn serve(dir: &Path, site: &str, plane: &PlaneArgs) -> Result<()> {
     let paths = SiteLayout::in_lab(dir, site);
     let mut record = paths.read_record()?;
+    let settings = if LabSettings::path(dir).exists() {
+        LabSettings::read(dir)?
+    } else {
+        plane.settings()?
+    };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let running = SiteRuntime::start(site, &paths.root, record.listen).await?;
-        if record.listen.port() == 0 {
+        let catalog = ferry_lab::node::catalog::Catalog::discover()
+            .context("locating the lab image catalog's binaries")?;
+        let running = match settings.control_plane {
+            ControlPlane::Lab => {
+                SiteRuntime::start_with_catalog(site, &paths.root, record.listen, catalog).await?
+            }
+            ControlPlane::Kubernetes => {
+                let kit = KubeKit::locate(settings.kube_bin.as_deref())?;
+                SiteRuntime::start_kubernetes(
+                    site,
+                    &paths.root,
+                    record.listen.ip(),
+                    &kit,
+                    settings.snapshot_crds.as_deref(),
+                    catalog,
+                )
+                .await?
+            }
+        };
+        if record.listen != running.addr() {
             // Restarts reuse the port the first start picked.
-            record.listen = running.server.addr();
+            record.listen = running.addr();
             std::fs::write(paths.record(), serde_json::to_vec_pretty(&record)?)?;
         }
         // Links from the other sites into this one (see links.rs).
@@ -432,6 +529,8 @@ fn serve(dir: &Path, site: &str) -> Result<()> {
                 ],
             },
         ));
+        // Written last: `start_site` returns once the whole site (control plane and node) runs.
+        std::fs::write(paths.ready(), std::process::id().to_string())?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = term.recv() => {}

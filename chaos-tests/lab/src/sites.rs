@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::control_plane::{ControlPlane, LabSettings};
+
+/// How long a site on a real control plane may take to start.
+const KUBERNETES_START: Duration = Duration::from_secs(180);
+
 /// What a site needs to come back the same after a restart.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SiteRecord {
@@ -20,6 +25,20 @@ pub struct SiteRecord {
     pub name: String,
     /// Address the API server listens on.
     pub listen: SocketAddr,
+    /// `https` on a real control plane; absent (plain HTTP) on the lab's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+}
+
+impl SiteRecord {
+    /// The API server's URL: `http://` on the lab's control plane, `https://` on a real one.
+    pub fn url(&self) -> String {
+        format!(
+            "{}://{}",
+            self.scheme.as_deref().unwrap_or("http"),
+            self.listen
+        )
+    }
 }
 
 /// Where a site keeps its files: `root/site.json` (name and address), `root/kubeconfig`,
@@ -71,6 +90,10 @@ impl SiteLayout {
     /// The site process's log.
     pub fn log(&self) -> PathBuf {
         self.root.join("site.log")
+    }
+    /// Written by the site process once its control plane and node run (holds its pid).
+    pub fn ready(&self) -> PathBuf {
+        self.root.join("ready")
     }
     /// Reads `site.json`.
     ///
@@ -149,7 +172,8 @@ pub fn spawn_lab_process(args: &[std::ffi::OsString], log: &Path, pid_file: &Pat
 }
 
 /// Starts site `name` as a background process (its own process group) and waits until its
-/// API server answers. A site started before reuses its address, token and store.
+/// API server answers and its node runs. A site started before reuses its address, token
+/// and store, and the control plane `DIR/lab.json` names.
 ///
 /// # Errors
 /// When the process cannot be spawned or does not become ready within `timeout`.
@@ -160,14 +184,30 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
     }
     std::fs::create_dir_all(&paths.root)
         .with_context(|| format!("creating {}", paths.root.display()))?;
+    let plane = LabSettings::read(dir)?.control_plane;
     if paths.read_record().is_err() {
-        // First start: port 0 lets the site pick a free port, which it records for restarts.
+        // First start: port 0 lets the lab's API server pick a free port, which it records
+        // for restarts; kube-apiserver takes its usual port on the site's own address.
+        let (port, scheme) = match plane {
+            ControlPlane::Lab => (0, None),
+            ControlPlane::Kubernetes => {
+                (crate::control_plane::APISERVER_PORT, Some("https".into()))
+            }
+        };
         let r = SiteRecord {
             name: name.into(),
-            listen: SocketAddr::new(site_ip(dir, index), 0),
+            listen: SocketAddr::new(site_ip(dir, index), port),
+            scheme,
         };
         std::fs::write(paths.record(), serde_json::to_vec_pretty(&r)?)?;
     }
+    // A real control plane starts etcd and kube-apiserver first (tens of seconds on 2 cores,
+    // longer after a power cut while etcd replays its log).
+    let timeout = match plane {
+        ControlPlane::Lab => timeout,
+        ControlPlane::Kubernetes => timeout.max(KUBERNETES_START),
+    };
+    let _ = std::fs::remove_file(paths.ready());
     let _ = std::fs::remove_file(paths.kubeconfig());
     let pid = spawn_lab_process(
         &[
@@ -184,7 +224,7 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
     loop {
         if let Ok(r) = paths.read_record() {
             if r.listen.port() != 0
-                && paths.kubeconfig().exists()
+                && paths.ready().exists()
                 && std::net::TcpStream::connect(r.listen).is_ok()
             {
                 return Ok(r);

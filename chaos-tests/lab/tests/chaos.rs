@@ -16,6 +16,7 @@ async fn a_seeded_random_run_keeps_every_invariant() {
         steps: 4,
         dir: Some(dir.path().to_path_buf()),
         exe: Some(env!("CARGO_BIN_EXE_ferry-lab").into()),
+        settings: Default::default(),
     };
     let reports = ferry_lab::chaos::run(&options).await.unwrap();
     let report = &reports[0];

@@ -17,6 +17,7 @@ async fn demo_replicates_and_migrates_with_zero_data_loss() {
         keep: false,
         observe_seconds: 30,
         exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_ferry-lab"))),
+        settings: Default::default(),
     };
     let report = run(&options).await.expect("the demo runs");
     for (check, ok) in report.checks() {

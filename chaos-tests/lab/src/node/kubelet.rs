@@ -41,8 +41,10 @@ use tracing::{info, warn};
 
 use super::catalog::Launch;
 use super::probes;
+use super::projected::{self, TokenFile};
 use super::timeline::{now_ms, TimelineEntry, TimelineEvent};
 use super::NodeContext;
+use crate::control_plane::ControlPlane;
 
 /// Grace period when the pod does not say, in seconds (the Kubernetes default).
 const DEFAULT_GRACE_SECONDS: i64 = 30;
@@ -153,6 +155,8 @@ async fn on_pod(ctx: &Arc<NodeContext>, pod: Pod) {
     }
     let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
     match node.as_deref() {
+        // On a real control plane the scheduler binds pods.
+        None | Some("") if ctx.control_plane == ControlPlane::Kubernetes => return,
         None | Some("") => {
             // Bind the pod to this node, as the scheduler would (one node per site).
             let api: Api<Pod> =
@@ -424,6 +428,12 @@ async fn supervise(
         .unwrap_or(DEFAULT_GRACE_SECONDS)
         .max(0) as u64;
     let start_time = now_rfc3339();
+    tokio::spawn(projected::refresh(
+        ctx.clone(),
+        pod.clone(),
+        containers.tokens.clone(),
+        stopped.clone(),
+    ));
     // Init containers run one after the other, each to success, before the workload, and
     // again whenever the pod is started anew (a site restart), as after a node reboot.
     let (sidecars_stop, sidecars_stopped) = watch::channel(false);
@@ -1041,7 +1051,8 @@ fn signal_group(sig: &str, pgid: u32) {
         .status();
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (pods then get private mount namespaces).
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -1146,6 +1157,7 @@ async fn volume_host_path(
     pod: &Pod,
     pod_dir: &Path,
     volume: &k8s_openapi::api::core::v1::Volume,
+    tokens: &mut Vec<TokenFile>,
 ) -> Result<(PathBuf, bool), PodError> {
     let ns = pod.namespace().unwrap_or_default();
     let err = |reason: String| PodError::Volume {
@@ -1222,10 +1234,18 @@ async fn volume_host_path(
         );
         return write_files(files);
     }
+    if let Some(source) = &volume.projected {
+        tokens.extend(
+            projected::fill(ctx, pod, source, &files_dir)
+                .await
+                .map_err(err)?,
+        );
+        return Ok((files_dir, false));
+    }
     if let Some(hp) = &volume.host_path {
         return Ok((PathBuf::from(&hp.path), false));
     }
-    Err(err("volume type not supported by the lab (persistentVolumeClaim, emptyDir, configMap, secret, hostPath are)".into()))
+    Err(err("volume type not supported by the lab (persistentVolumeClaim, emptyDir, configMap, secret, projected, hostPath are)".into()))
 }
 
 /// Resolves env, volumes, image and identity for each container of the pod.
@@ -1235,6 +1255,8 @@ struct PreparedPod {
     init: Vec<Prepared>,
     /// `containers`.
     main: Vec<Prepared>,
+    /// Projected service-account tokens to keep fresh while the pod runs.
+    tokens: Vec<TokenFile>,
 }
 
 async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<PreparedPod, PodError> {
@@ -1250,10 +1272,11 @@ async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<PreparedPod, PodError> 
         source,
     })?;
     let mut volumes: BTreeMap<String, (PathBuf, bool)> = BTreeMap::new();
+    let mut tokens = Vec::new();
     for v in spec.volumes.iter().flatten() {
         volumes.insert(
             v.name.clone(),
-            volume_host_path(ctx, pod, &pod_dir, v).await?,
+            volume_host_path(ctx, pod, &pod_dir, v, &mut tokens).await?,
         );
     }
     let pod_sc = spec.security_context.clone().unwrap_or_default();
@@ -1281,6 +1304,7 @@ async fn prepare(ctx: &NodeContext, pod: &Pod) -> Result<PreparedPod, PodError> 
     let mut out = PreparedPod {
         init: Vec::new(),
         main: Vec::new(),
+        tokens,
     };
     for c in spec.init_containers.iter().flatten() {
         out.init
@@ -1417,7 +1441,8 @@ fn rewrite_mount_paths(
 }
 
 /// The container's environment: `env` (values, fieldRef, configMapKeyRef, secretKeyRef),
-/// `envFrom`, plus `KUBECONFIG` for the site and `POD_IP`.
+/// `envFrom`, plus `POD_IP` and how to reach the API server: `KUBECONFIG` for the site on
+/// the lab's control plane, `KUBERNETES_SERVICE_HOST`/`PORT` on a real one.
 async fn container_env(
     ctx: &NodeContext,
     pod: &Pod,
@@ -1431,10 +1456,23 @@ async fn container_env(
         reason,
     };
     let mut env = BTreeMap::new();
-    env.insert(
-        "KUBECONFIG".to_string(),
-        ctx.kubeconfig.to_string_lossy().into_owned(),
-    );
+    match ctx.control_plane {
+        // The lab's API server has no identities: pods use the site's kubeconfig.
+        ControlPlane::Lab => {
+            env.insert(
+                "KUBECONFIG".to_string(),
+                ctx.kubeconfig.to_string_lossy().into_owned(),
+            );
+        }
+        // Pods find the API server as in a cluster and act under their ServiceAccount
+        // through the token projected into them (see `projected`).
+        ControlPlane::Kubernetes => {
+            let (host, port) = (ctx.api.ip().to_string(), ctx.api.port().to_string());
+            env.insert("KUBERNETES_SERVICE_HOST".into(), host);
+            env.insert("KUBERNETES_SERVICE_PORT".into(), port.clone());
+            env.insert("KUBERNETES_SERVICE_PORT_HTTPS".into(), port);
+        }
+    }
     env.insert("POD_IP".to_string(), ctx.ip.to_string());
     env.insert("HOSTNAME".to_string(), pod.name_any());
     for from in c.env_from.iter().flatten() {

@@ -17,22 +17,26 @@
 pub mod catalog;
 pub mod kubelet;
 pub mod probes;
+pub mod projected;
+pub mod registration;
 pub mod snapshots;
 pub mod storage;
 pub mod timeline;
 pub mod volumes;
 pub mod workloads;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kube::Client;
 
+use crate::control_plane::ControlPlane;
+
 /// Name of the StorageClass (and VolumeSnapshotClass) the lab node serves.
 pub const STORAGE_CLASS: &str = "ferry-lab";
 /// The CSI driver name the lab's volumes and snapshots carry.
-pub const CSI_DRIVER: &str = "lab.ferry.dev/hostpath";
+pub const CSI_DRIVER: &str = "hostpath.lab.ferry.dev";
 
 /// Everything the node's controllers share.
 pub struct NodeContext {
@@ -46,6 +50,9 @@ pub struct NodeContext {
     pub root: PathBuf,
     /// The site's loopback address; pods listen on it (Pod `status.podIP`).
     pub ip: IpAddr,
+    /// The API server's address, which pods get as `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT` on a real control plane.
+    pub api: SocketAddr,
     /// Kubeconfig pods get in `KUBECONFIG`.
     pub kubeconfig: PathBuf,
     /// Where pod starts and stops are recorded.
@@ -56,6 +63,10 @@ pub struct NodeContext {
     pub catalog: catalog::Catalog,
     /// Pods the kubelet is running.
     pub running: kubelet::Running,
+    /// Which control plane the node serves. On [`ControlPlane::Kubernetes`] the node joins
+    /// as a node does (registration and heartbeats), runs only the pods the scheduler binds
+    /// to it, and leaves workloads, binding and garbage collection to the real controllers.
+    pub control_plane: ControlPlane,
 }
 
 impl NodeContext {
@@ -77,11 +88,17 @@ impl NodeContext {
 
 /// Starts every node controller on the current tokio runtime. Each logs and retries its own
 /// errors; they run until aborted through the returned handles.
+/// On a real control plane the workload controllers are the controller manager's, and the
+/// node registers itself and keeps its Lease renewed instead.
 pub fn spawn_all(ctx: Arc<NodeContext>) -> Vec<tokio::task::JoinHandle<()>> {
-    vec![
+    let mut tasks = vec![
         tokio::spawn(storage::run(ctx.clone())),
         tokio::spawn(snapshots::run(ctx.clone())),
-        tokio::spawn(workloads::run(ctx.clone())),
-        tokio::spawn(kubelet::run(ctx)),
-    ]
+    ];
+    match ctx.control_plane {
+        ControlPlane::Lab => tasks.push(tokio::spawn(workloads::run(ctx.clone()))),
+        ControlPlane::Kubernetes => tasks.push(tokio::spawn(registration::run(ctx.clone()))),
+    }
+    tasks.push(tokio::spawn(kubelet::run(ctx)));
+    tasks
 }

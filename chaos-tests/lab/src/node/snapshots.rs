@@ -1133,3 +1133,86 @@ fn restores_from(claim: &PersistentVolumeClaim, snapshot: &str) -> bool {
     });
     !bound && claim.metadata.deletion_timestamp.is_none() && (by_ref || by_source)
 }
+
+/// The lab's own definitions of the three `snapshot.storage.k8s.io/v1` kinds
+/// (`crds/snapshot.storage.k8s.io.yaml`), for a real control plane without upstream files.
+pub const LAB_SNAPSHOT_CRDS: &str = include_str!("../../crds/snapshot.storage.k8s.io.yaml");
+
+/// Installs the `snapshot.storage.k8s.io` CRDs on a real control plane with server-side
+/// apply and waits until each is Established: every `*.yaml` file in `dir` when given (the
+/// upstream files of kubernetes-csi/external-snapshotter, as a cluster runs them), else
+/// [`LAB_SNAPSHOT_CRDS`].
+///
+/// # Errors
+/// When a file cannot be read or parsed, the API server refuses a CRD, or one is not
+/// Established within 30 s.
+pub async fn install_crds(client: &kube::Client, dir: Option<&Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let mut texts = Vec::new();
+    match dir {
+        Some(dir) => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+                .collect();
+            files.sort();
+            anyhow::ensure!(
+                !files.is_empty(),
+                "no CRD files (*.yaml) in {}",
+                dir.display()
+            );
+            for file in files {
+                texts.push((file.display().to_string(), std::fs::read_to_string(&file)?));
+            }
+        }
+        None => texts.push((
+            "the lab's snapshot CRDs".into(),
+            LAB_SNAPSHOT_CRDS.to_string(),
+        )),
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for (origin, text) in texts {
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let crd: CustomResourceDefinition = serde::Deserialize::deserialize(document)
+                .with_context(|| format!("parsing {origin}"))?;
+            let name = crd.name_any();
+            crds.patch(
+                &name,
+                &PatchParams::apply(storage::FIELD_MANAGER).force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .with_context(|| format!("applying CRD {name} from {origin}"))?;
+            names.push(name);
+        }
+    }
+    for name in names {
+        crate::wait::until(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let crds = crds.clone();
+                let name = name.clone();
+                async move {
+                    let crd = crds.get(&name).await.map_err(|e| e.to_string())?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    if established {
+                        Ok(())
+                    } else {
+                        Err("not yet".to_string())
+                    }
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -50,6 +50,7 @@ use tracing::Instrument;
 
 use super::snapshots::{self, CopyError, VolumeSnapshot, VolumeSnapshotContent};
 use super::{NodeContext, CSI_DRIVER, STORAGE_CLASS};
+use crate::control_plane::ControlPlane;
 
 /// Field manager of the node's server-side applies and the `reportingComponent` of its Events.
 pub const FIELD_MANAGER: &str = "ferry-lab-node";
@@ -57,6 +58,9 @@ pub const FIELD_MANAGER: &str = "ferry-lab-node";
 pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 /// Annotation the PV controller sets on the side of a binding it established itself.
 pub const ANN_BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
+/// PVC annotation by which the PV controller hands a claim to a dynamic provisioner (its
+/// value: the StorageClass's `provisioner`).
+pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
 /// PV annotation naming the provisioner that created the volume.
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// StorageClass annotation marking the cluster's default class (the API server's admission
@@ -965,6 +969,18 @@ async fn ensure_claim_bound(
     let client = &shared.node.client;
     let spec = pvc.spec.clone().unwrap_or_default();
     let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+    if shared.node.control_plane == ControlPlane::Kubernetes {
+        // The real PV controller binds and marks claims Lost; the provisioner's only job is
+        // to create the volume of a claim the PV controller handed to this driver.
+        let asked = pvc
+            .annotations()
+            .get(ANN_STORAGE_PROVISIONER)
+            .map(String::as_str);
+        if phase != Some("Bound") && spec.volume_name.is_none() && asked == Some(CSI_DRIVER) {
+            provision(shared, pvc).await?;
+        }
+        return Ok(Action::await_change());
+    }
     if phase == Some("Bound") {
         return ensure_not_lost(shared, pvc).await;
     }
@@ -1559,10 +1575,18 @@ async fn reclaim(shared: &Shared, pv: &PersistentVolume) -> Result<Action, Stora
         return Ok(Action::await_change());
     }
     let client = &shared.node.client;
-    let name = pv.name_any();
     let spec = pv.spec.clone().unwrap_or_default();
     let phase = pv.status.as_ref().and_then(|s| s.phase.clone());
     let claim = spec.claim_ref.clone().unwrap_or_default();
+    if shared.node.control_plane == ControlPlane::Kubernetes {
+        // The real PV controller sets the phases; a `Released` volume with policy `Delete`
+        // is the provisioner's to delete, as external-provisioner does.
+        return if phase.as_deref() == Some("Released") {
+            delete_volume(shared, pv).await
+        } else {
+            Ok(Action::await_change())
+        };
+    }
     // No claimRef, or one without uid (a reservation for a claim that may not exist yet): the
     // volume waits for its claim, `Available` as the PV controller shows it.
     let (Some(claim_ns), Some(claim_name), Some(claim_uid)) = (
@@ -1592,6 +1616,16 @@ async fn reclaim(shared: &Shared, pv: &PersistentVolume) -> Result<Action, Stora
     if phase.as_deref() != Some("Released") && !set_volume_phase(client, pv, "Released").await? {
         return Ok(Action::requeue(WAIT));
     }
+    delete_volume(shared, pv).await
+}
+
+/// Deletes a released volume whose policy is `Delete` and that this driver provisioned:
+/// its data (lab volumes under the volumes directory only), then its PV. Anything else stays
+/// `Released` with its data.
+async fn delete_volume(shared: &Shared, pv: &PersistentVolume) -> Result<Action, StorageError> {
+    let client = &shared.node.client;
+    let name = pv.name_any();
+    let spec = pv.spec.clone().unwrap_or_default();
     let policy = spec
         .persistent_volume_reclaim_policy
         .as_deref()
