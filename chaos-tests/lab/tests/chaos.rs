@@ -4,6 +4,21 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_random_run_keeps_every_invariant() {
+    seeded_run(Default::default()).await
+}
+
+/// The same on a real Kubernetes control plane: a killed site is etcd, kube-apiserver,
+/// controller-manager, scheduler and node at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_random_run_on_the_kubernetes_control_plane_keeps_every_invariant() {
+    if let Some(settings) = ferry_lab::control_plane::kubernetes_for_test(
+        "a_seeded_random_run_on_the_kubernetes_control_plane_keeps_every_invariant",
+    ) {
+        seeded_run(settings).await
+    }
+}
+
+async fn seeded_run(settings: ferry_lab::control_plane::LabSettings) {
     let seed: u64 = std::env::var("FERRY_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -16,7 +31,7 @@ async fn a_seeded_random_run_keeps_every_invariant() {
         steps: 4,
         dir: Some(dir.path().to_path_buf()),
         exe: Some(env!("CARGO_BIN_EXE_ferry-lab").into()),
-        settings: Default::default(),
+        settings,
     };
     let reports = ferry_lab::chaos::run(&options).await.unwrap();
     let report = &reports[0];

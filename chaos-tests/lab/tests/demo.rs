@@ -10,6 +10,20 @@ use ferry_lab::sites::SiteLayout;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_replicates_and_migrates_with_zero_data_loss() {
+    demo_on(Default::default()).await
+}
+
+/// The same demo, report and checks on a real Kubernetes control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_on_the_kubernetes_control_plane() {
+    if let Some(settings) =
+        ferry_lab::control_plane::kubernetes_for_test("demo_on_the_kubernetes_control_plane")
+    {
+        demo_on(settings).await
+    }
+}
+
+async fn demo_on(settings: ferry_lab::control_plane::LabSettings) {
     let dir = tempfile::tempdir().unwrap();
     let lab = dir.path().join("lab");
     let options = DemoOptions {
@@ -17,7 +31,7 @@ async fn demo_replicates_and_migrates_with_zero_data_loss() {
         keep: false,
         observe_seconds: 30,
         exe: Some(PathBuf::from(env!("CARGO_BIN_EXE_ferry-lab"))),
-        settings: Default::default(),
+        settings,
     };
     let report = run(&options).await.expect("the demo runs");
     for (check, ok) in report.checks() {

@@ -13,8 +13,7 @@ use kube::api::{Api, PostParams};
 use serde_json::json;
 
 use e2e::{
-    assert_never_at_both_sites, eventually, lab_control, live_tip, setup_with, sync_now, Lab,
-    Protection, NS,
+    assert_never_at_both_sites, eventually, lab_control, live_tip, sync_now, Lab, Protection, NS,
 };
 
 const BALLAST_BYTES: u64 = 8 << 20;
@@ -32,11 +31,18 @@ async fn completed(migrations: &Api<Migration>, name: &str) -> Migration {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_old_primary_receives_only_diverged_blocks_and_the_app_fails_back() {
+on_both_planes!(
+    the_old_primary_receives_only_diverged_blocks_and_the_app_fails_back,
+    the_old_primary_receives_only_diverged_blocks_and_the_app_fails_back_on_kubernetes,
+    the_old_primary_receives_only_diverged_blocks_and_the_app_fails_back_on
+);
+
+async fn the_old_primary_receives_only_diverged_blocks_and_the_app_fails_back_on(
+    settings: e2e::LabSettings,
+) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (a, b) = setup_with(&lab.0, &Protection::AUTOMATIC).await;
+    let (a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
     let volume = bound_volume(&a, NS, "ledger-data").await.unwrap().unwrap();
     let mut ballast = vec![0u8; BALLAST_BYTES as usize];
     rand::Rng::fill(&mut rand::rng(), &mut ballast[..]);

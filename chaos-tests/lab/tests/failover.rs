@@ -106,12 +106,19 @@ async fn assert_a_stops_before_b_starts(
     assert_never_at_both_sites(lab);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn site_loss_b_runs_the_app_with_every_transaction_of_its_generation() {
+on_both_planes!(
+    site_loss_b_runs_the_app_with_every_transaction_of_its_generation,
+    site_loss_b_runs_the_app_with_every_transaction_of_its_generation_on_kubernetes,
+    site_loss_b_runs_the_app_with_every_transaction_of_its_generation_on
+);
+
+async fn site_loss_b_runs_the_app_with_every_transaction_of_its_generation_on(
+    settings: e2e::LabSettings,
+) {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (_a, b) = setup_with(&lab.0, &Protection::AUTOMATIC).await;
+    let (_a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
 
     let killed_at = now_ms();
     lab_control("site", "kill", "a", &lab.0);
@@ -169,12 +176,17 @@ async fn site_loss_b_runs_the_app_with_every_transaction_of_its_generation() {
     assert_never_at_both_sites(&lab.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_site_fences_itself_before_b_is_promoted() {
+on_both_planes!(
+    a_partitioned_site_fences_itself_before_b_is_promoted,
+    a_partitioned_site_fences_itself_before_b_is_promoted_on_kubernetes,
+    a_partitioned_site_fences_itself_before_b_is_promoted_on
+);
+
+async fn a_partitioned_site_fences_itself_before_b_is_promoted_on(settings: e2e::LabSettings) {
     let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (a, b) = setup_with(&lab.0, &Protection::AUTOMATIC).await;
+    let (a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
 
     let cut_at = now_ms();
     let said = lab_control("site", "partition", "a", &lab.0);

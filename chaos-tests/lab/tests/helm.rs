@@ -20,7 +20,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
-use e2e::{eventually, ferry_lab, Lab};
+use e2e::{eventually, Lab};
 
 const NAMESPACE: &str = "ferry-system";
 
@@ -172,14 +172,19 @@ async fn replicator_args(pods: &Api<Pod>) -> Result<Vec<String>, String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
+on_both_planes!(
+    helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site,
+    helm_installs_upgrades_and_uninstalls_ferry_on_a_real_control_plane,
+    helm_installs_upgrades_and_uninstalls_ferry
+);
+
+async fn helm_installs_upgrades_and_uninstalls_ferry(settings: e2e::LabSettings) {
     let Some(helm_bin) = helm_binary() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    ferry_lab(&["up", "--sites", "a", "--bare"], &lab.0);
+    e2e::up(&lab.0, "a", &["--bare"], &settings);
     let kubeconfig = lab.0.join("a/kubeconfig");
     let client = client_from(&kubeconfig).await.unwrap();
 
@@ -206,9 +211,7 @@ async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
 
     let chart = workspace().join("deploy/helm/ferry");
     let chart = chart.to_str().unwrap();
-    // The lab serves no /openapi/v2 document, which helm 3 reads for client-side validation;
-    // the API server still validates every object (CRD schemas, 422s).
-    let install = [
+    let mut install = vec![
         "install",
         "ferry",
         chart,
@@ -216,8 +219,12 @@ async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
         NAMESPACE,
         "--set",
         "site.name=a,site.lease=7s",
-        "--disable-openapi-validation",
     ];
+    if settings.control_plane == ferry_lab::control_plane::ControlPlane::Lab {
+        // The lab serves no /openapi/v2 document, which helm 3 reads for client-side
+        // validation; the API server still validates every object (CRD schemas, 422s).
+        install.push("--disable-openapi-validation");
+    }
     let notes = helm(&helm_bin, Some(&kubeconfig), &install);
     assert!(
         notes.contains("Ferry is installed in ferry-system for site a."),
@@ -267,7 +274,7 @@ async fn helm_installs_upgrades_and_uninstalls_ferry_in_a_lab_site() {
         .unwrap()
         .metadata
         .generation;
-    let mut upgrade = install;
+    let mut upgrade = install.clone();
     upgrade[0] = "upgrade";
     upgrade[6] = "site.name=a,site.lease=7s,replicator.retain=5";
     helm(&helm_bin, Some(&kubeconfig), &upgrade);

@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use kube::Client;
 use serde_json::json;
 
-use e2e::{eventually, setup, Lab, NS};
+use e2e::{eventually, Lab, NS};
 
 const BALLAST_BYTES: u64 = 8 << 20;
 
@@ -54,11 +54,18 @@ async fn tip(client: &Client) -> ferry_sqlite_writer::ledger::Tip {
         .expect("rows")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction() {
+on_both_planes!(
+    an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction,
+    an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction_on_kubernetes,
+    an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction_on
+);
+
+async fn an_app_migrates_to_b_and_back_to_a_without_losing_a_transaction_on(
+    settings: e2e::LabSettings,
+) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (a, b) = setup(&lab.0).await;
+    let (a, b) = e2e::setup_on(&lab.0, &settings).await;
     // 8 MiB the app never changes: a full copy back would ship it again, a delta does not.
     let volume = bound_volume(&a, NS, "ledger-data")
         .await

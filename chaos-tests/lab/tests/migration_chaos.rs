@@ -20,7 +20,7 @@ use kube::Client;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use e2e::{eventually, setup, Lab, NS, T};
+use e2e::{eventually, Lab, NS, T};
 
 /// The pid of the running ferry-controller process at `site`, from the site's timeline.
 fn controller_pid(lab: &Path, site: &str) -> Option<u32> {
@@ -28,8 +28,15 @@ fn controller_pid(lab: &Path, site: &str) -> Option<u32> {
     running_pid(&entries, "ferry-system", "ferry-controller-")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_controller_in_each_phase_never_runs_the_app_twice() {
+on_both_planes!(
+    killing_the_controller_in_each_phase_never_runs_the_app_twice,
+    killing_the_controller_in_each_phase_never_runs_the_app_twice_on_kubernetes,
+    killing_the_controller_in_each_phase_never_runs_the_app_twice_on
+);
+
+async fn killing_the_controller_in_each_phase_never_runs_the_app_twice_on(
+    settings: e2e::LabSettings,
+) {
     let seed: u64 = std::env::var("FERRY_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -44,7 +51,7 @@ async fn killing_the_controller_in_each_phase_never_runs_the_app_twice() {
     for phase in ["Quiescing", "FinalSync", "Promoting", "Instantiating"] {
         let dir = tempfile::tempdir().unwrap();
         let lab = Lab(dir.path().join("lab"));
-        let (a, b) = setup(&lab.0).await;
+        let (a, b) = e2e::setup_on(&lab.0, &settings).await;
         let migrations: Api<Migration> = Api::namespaced(a.clone(), NS);
         let mut phases = watcher(
             migrations.clone(),

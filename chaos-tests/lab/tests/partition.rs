@@ -7,18 +7,23 @@ mod e2e;
 use ferry_schemas::DRPair;
 use kube::api::Api;
 
-use e2e::{eventually, lab_control, setup, Lab, NS};
+use e2e::{eventually, lab_control, Lab, NS};
 
 /// A condition's (status, message).
 fn condition(pair: &DRPair, type_: &str) -> Option<(String, String)> {
     e2e::condition(pair, type_).map(|c| (c.status, c.message))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partitioned_site_loses_its_peer_until_healed() {
+on_both_planes!(
+    a_partitioned_site_loses_its_peer_until_healed,
+    a_partitioned_site_loses_its_peer_until_healed_on_kubernetes,
+    a_partitioned_site_loses_its_peer_until_healed_on
+);
+
+async fn a_partitioned_site_loses_its_peer_until_healed_on(settings: e2e::LabSettings) {
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (a, b) = setup(&lab.0).await;
+    let (a, b) = e2e::setup_on(&lab.0, &settings).await;
     let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
 
     let said = lab_control("site", "partition", "a", &lab.0);

@@ -3,7 +3,9 @@
 //! holds exactly what a held after the quiesce (pgbench_history count and sum(delta), the
 //! pgbench_accounts balance total). Requires PostgreSQL under CI; skipped elsewhere without it.
 
-use std::path::{Path, PathBuf};
+mod e2e;
+
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -19,21 +21,6 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(90);
 const NS: &str = "db";
 const PORT: u16 = 25432;
-
-fn ferry_lab(args: &[&str], dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .expect("ferry-lab runs");
-    assert!(
-        out.status.success(),
-        "ferry-lab {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Lab(PathBuf);
 
@@ -138,8 +125,13 @@ fn postgres_pod_spec(claim: &str, labels: Value) -> Value {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_migrates_with_exactly_its_committed_transactions() {
+on_both_planes!(
+    postgres_migrates_with_exactly_its_committed_transactions,
+    postgres_migrates_with_exactly_its_committed_transactions_on_kubernetes,
+    postgres_migrates_with_exactly_its_committed_transactions_on
+);
+
+async fn postgres_migrates_with_exactly_its_committed_transactions_on(settings: e2e::LabSettings) {
     if ferry_lab::images::postgres_bin_dir().is_none()
         || Command::new("pgbench").arg("--version").output().is_err()
     {
@@ -155,7 +147,7 @@ async fn postgres_migrates_with_exactly_its_committed_transactions() {
     let lab = Lab(std::env::var_os("FERRY_TEST_LAB_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.path().join("lab")));
-    ferry_lab(&["up", "--sites", "a,b"], &lab.0);
+    e2e::up(&lab.0, "a,b", &[], &settings);
     let ip = |site: &str| {
         SiteLayout::in_lab(&lab.0, site)
             .read_record()

@@ -4,6 +4,8 @@
 //! bytes; the stored manifests are sanitised and transform as the pair says; invalid DRPairs
 //! are refused naming the field while the replicator keeps serving the valid pair.
 
+mod e2e;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,22 +23,6 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 const NS: &str = "web";
-
-fn ferry_lab(args: &[&str], dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .output()
-        .expect("ferry-lab runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "ferry-lab {args:?} failed: {text}");
-    text
-}
 
 struct Lab(PathBuf);
 
@@ -151,14 +137,19 @@ async fn pair_generation(pairs: &Api<DRPair>, name: &str) -> Result<u64, String>
         .ok_or_else(|| format!("phase {:?}, conditions {:?}", s.phase, s.conditions))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_app_replicates_exactly_and_bad_pairs_are_refused() {
+on_both_planes!(
+    an_app_replicates_exactly_and_bad_pairs_are_refused,
+    an_app_replicates_exactly_and_bad_pairs_are_refused_on_kubernetes,
+    an_app_replicates_exactly_and_bad_pairs_are_refused_on
+);
+
+async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::LabSettings) {
     let dir = tempfile::tempdir().unwrap();
     // FERRY_TEST_LAB_DIR keeps the lab's files (logs, timelines) for a post-mortem.
     let lab = Lab(std::env::var_os("FERRY_TEST_LAB_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| dir.path().join("lab")));
-    ferry_lab(&["up", "--sites", "a,b"], &lab.0);
+    e2e::up(&lab.0, "a,b", &[], &settings);
     let a = client_from(&lab.0.join("a/kubeconfig")).await.unwrap();
     let b = client_from(&lab.0.join("b/kubeconfig")).await.unwrap();
 

@@ -55,15 +55,61 @@ where
 
 pub use ferry_lab::ledger_app::Protection;
 
+pub use ferry_lab::control_plane::LabSettings;
+
+/// Runs scenario `$body(settings: LabSettings)` as two tests: `$lab` on the lab's control
+/// plane and `$kubernetes` on a real one (etcd, kube-apiserver, controller-manager and
+/// scheduler from the kit in `FERRY_LAB_KUBE_BIN`). Without the kit the second says it is
+/// skipped, and fails when `CI=true`.
+#[macro_export]
+macro_rules! on_both_planes {
+    ($lab:ident, $kubernetes:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $lab() {
+            $body(e2e::LabSettings::default()).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $kubernetes() {
+            if let Some(settings) =
+                ferry_lab::control_plane::kubernetes_for_test(stringify!($kubernetes))
+            {
+                $body(settings).await
+            }
+        }
+    };
+}
+
+/// `ferry-lab up --sites SITES [extra...]` on `settings`' control plane.
+pub fn up(lab: &Path, sites: &str, extra: &[&str], settings: &LabSettings) {
+    let mut args: Vec<String> = vec!["up".into(), "--sites".into(), sites.into()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.extend(settings.up_args());
+    ferry_lab(&args.iter().map(String::as_str).collect::<Vec<_>>(), lab);
+}
+
 pub async fn setup(lab: &Path) -> (Client, Client) {
     setup_with(lab, &Protection::PLANNED).await
+}
+
+/// [`setup`] on `settings`' control plane.
+pub async fn setup_on(lab: &Path, settings: &LabSettings) -> (Client, Client) {
+    setup_with_on(lab, &Protection::PLANNED, settings).await
 }
 
 /// Two sites and three witnesses, the ledger writer (a Deployment with a PVC) at `a`, and a
 /// DRPair over it with `rpo: 30s`; returns once the app writes at `a` and a generation
 /// holding some of its transactions is complete at `b`.
 pub async fn setup_with(lab: &Path, protection: &Protection) -> (Client, Client) {
-    ferry_lab(&["up", "--sites", "a,b", "--lease", protection.lease], lab);
+    setup_with_on(lab, protection, &LabSettings::default()).await
+}
+
+/// [`setup_with`] on `settings`' control plane.
+pub async fn setup_with_on(
+    lab: &Path,
+    protection: &Protection,
+    settings: &LabSettings,
+) -> (Client, Client) {
+    up(lab, "a,b", &["--lease", protection.lease], settings);
     let a = client_from(&lab.join("a/kubeconfig")).await.unwrap();
     let b = client_from(&lab.join("b/kubeconfig")).await.unwrap();
     ferry_lab::ledger_app::deploy(&a, protection, T)
