@@ -90,13 +90,14 @@ pub fn objects(protection: &Protection) -> Vec<Value> {
     if protection.gated {
         // What the gate does under the pod's ServiceAccount (docs/failover.md): read the
         // pair's site-local Lease, and delete its own pod when the lease ends. Enforced on a
-        // real control plane; replicated with the app like any of its manifests.
-        objects.insert(1, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE},
+        // real control plane. Labelled with the pair's selector, so that they are captured
+        // and replicated with the app: the gate at the DR site needs them too.
+        objects.insert(1, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE, "labels": {"app": PAIR}},
             "rules": [
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
             ]}));
-        objects.insert(2, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE},
+        objects.insert(2, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE, "labels": {"app": PAIR}},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ferry-gate"},
             "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": NAMESPACE}]}));
     }

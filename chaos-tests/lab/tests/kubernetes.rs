@@ -1,0 +1,211 @@
+//! A lab site on the real Kubernetes control plane (`ferry-lab up --control-plane kubernetes`):
+//! everyday kubectl behaves as on a cluster (the controller manager's ReplicaSets and
+//! namespace deletion, the scheduler binding pods to the lab node), and Ferry's components run
+//! under their own ServiceAccount, so a permission taken from the chart's ClusterRole shows
+//! on the pair's condition and in an Event naming the verb and the resource.
+//!
+//! Skipped with a message without the kit (FERRY_LAB_KUBE_BIN; `.ci/run` unpacks it), failing
+//! under `CI=true`.
+
+mod e2e;
+
+use std::path::Path;
+use std::process::Command;
+
+use ferry_lab::control_plane::kubernetes_for_test;
+use ferry_schemas::DRPair;
+use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+
+use e2e::{eventually, Lab, Protection, NS};
+
+/// Runs kubectl with the site's kubeconfig; returns stdout, or stderr as the error.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .map_err(|e| format!("running kubectl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster() {
+    let Some(settings) =
+        kubernetes_for_test("kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    e2e::up(&lab.0, "a", &["--bare"], &settings);
+    let kc = lab.0.join("a/kubeconfig");
+    let run = |args: &[&str]| kubectl(&kc, args).unwrap_or_else(|e| panic!("{e}"));
+
+    let nodes = run(&["get", "nodes", "--no-headers"]);
+    assert!(
+        nodes.starts_with("lab-a") && nodes.contains(" Ready "),
+        "{nodes}"
+    );
+    run(&["create", "namespace", "x"]);
+    run(&[
+        "-n",
+        "x",
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox",
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    run(&["-n", "x", "scale", "deployment", "web", "--replicas=3"]);
+    // The controller manager makes one ReplicaSet with three pods, the scheduler binds them
+    // to the lab node, and its kubelet runs them with their service-account token.
+    let ready = eventually("3 of 3 replicas ready", || async {
+        let rs = kubectl(&kc, &["-n", "x", "get", "rs", "--no-headers"])?;
+        let fields: Vec<&str> = rs.split_whitespace().collect();
+        match fields.as_slice() {
+            [name, "3", "3", "3", ..] if name.starts_with("web-") => Ok(rs),
+            _ => Err(rs),
+        }
+    })
+    .await;
+    println!("kubectl -n x get rs: {ready}");
+    let pods = run(&[
+        "-n",
+        "x",
+        "get",
+        "pods",
+        "-o",
+        "jsonpath={range .items[*]}{.spec.nodeName} {.status.phase} {.spec.volumes[0].name}{\"\\n\"}{end}",
+    ]);
+    let lines: Vec<&str> = pods.lines().collect();
+    assert_eq!(lines.len(), 3, "{pods}");
+    for line in lines {
+        assert!(line.starts_with("lab-a Running kube-api-access-"), "{line}");
+    }
+    run(&["delete", "namespace", "x", "--timeout=90s"]);
+    let gone = kubectl(&kc, &["get", "namespace", "x"]);
+    assert!(
+        gone.as_ref().is_err_and(|e| e.contains("NotFound")),
+        "{gone:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair() {
+    let Some(settings) =
+        kubernetes_for_test("a_permission_missing_from_the_cluster_role_is_named_on_the_pair")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (a, _b) = e2e::setup_with_on(&lab.0, &Protection::PLANNED, &settings).await;
+    let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
+    let before = pairs
+        .get("ledger")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .generation;
+
+    // Take `create` on VolumeSnapshots away from Ferry, as a too-narrow install would.
+    let roles: Api<ClusterRole> = Api::all(a.clone());
+    let role = roles.get("ferry").await.unwrap();
+    let original = role.rules.clone().unwrap_or_default();
+    let narrowed: Vec<_> = original
+        .iter()
+        .filter(|r| !r.resources.iter().flatten().any(|x| x == "volumesnapshots"))
+        .cloned()
+        .collect();
+    assert!(
+        narrowed.len() < original.len(),
+        "the chart grants volumesnapshots"
+    );
+    let set_rules = |rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>| {
+        let roles = roles.clone();
+        async move {
+            roles
+                .patch(
+                    "ferry",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"rules": rules})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_rules(narrowed).await;
+
+    let expected =
+        "cannot create resource \"volumesnapshots\" in API group \"snapshot.storage.k8s.io\"";
+    let patch = json!({"metadata": {"annotations": {ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION: "narrowed"}}});
+    pairs
+        .patch("ledger", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let message = eventually("Synced=False naming the missing permission", || async {
+        let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
+        let s = p.status.unwrap_or_default();
+        let synced = s.conditions.iter().find(|c| c.type_ == "Synced").cloned();
+        match synced {
+            Some(c) if c.status == "False" && c.message.contains(expected) => Ok(c.message),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    println!("Synced=False: {message}");
+    let events: Api<Event> = Api::namespaced(a.clone(), NS);
+    let named = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("SyncFailed")
+                && e.message.as_deref().is_some_and(|m| m.contains(expected))
+        });
+    assert!(named, "a SyncFailed Event names the missing permission");
+    // Nothing committed was lost: the pair still names its last good generation.
+    let during = pairs
+        .get("ledger")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .generation;
+    assert!(during >= before, "{during:?} after {before:?}");
+
+    // With the permission back, the next sync commits.
+    set_rules(original).await;
+    let patch = json!({"metadata": {"annotations": {ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION: "restored"}}});
+    pairs
+        .patch("ledger", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually("a sync commits again", || async {
+        let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
+        let s = p.status.unwrap_or_default();
+        match (s.last_sync_request.as_deref(), s.generation) {
+            (Some("restored"), Some(g)) if Some(g) > before => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}
