@@ -106,10 +106,10 @@ async fn kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair() {
-    let Some(settings) =
-        kubernetes_for_test("a_permission_missing_from_the_cluster_role_is_named_on_the_pair")
-    else {
+async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kubernetes() {
+    let Some(settings) = kubernetes_for_test(
+        "a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kubernetes",
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

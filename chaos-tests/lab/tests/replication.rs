@@ -173,11 +173,18 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
         .await;
     }
     let labels = json!({"app": "web", "site": "a"});
+    // Ferry may write the app's own kinds at the DR site once the admin aggregates them into
+    // its role (deploy/README.md); enforced on the real control plane.
+    for site in [&a, &b] {
+        create(site, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "ferry-widgets", "labels": {"ferry.dev/aggregate-to-ferry": "true"}},
+            "rules": [{"apiGroups": ["test.dev"], "resources": ["widgets"], "verbs": ["create", "update", "patch"]}]})).await;
+    }
     create(&a, json!({"apiVersion": "test.dev/v1", "kind": "Widget", "metadata": {"name": "w1", "labels": labels}, "spec": {"size": 3}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "labels": labels}, "data": {"k": "v"}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "unrelated"}, "data": {"k": "v"}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds", "labels": labels}, "stringData": {"password": "hunter2"}})).await;
-    create(&a, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "labels": labels}, "spec": {"clusterIP": "10.0.0.12", "selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
+    create(&a, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "labels": labels}, "spec": {"clusterIP": "10.96.0.12", "selector": {"app": "web"}, "ports": [{"port": 80}]}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "files"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}})).await;
     create(&a, json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "disk"}, "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block", "resources": {"requests": {"storage": "16Mi"}}}})).await;
     create(&a, json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": labels}, "spec": {
