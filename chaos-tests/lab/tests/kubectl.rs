@@ -252,3 +252,176 @@ async fn kubectl_drives_a_lab_site() {
     tokio::time::sleep(Duration::ZERO).await;
     drop(site);
 }
+
+/// `kubectl create <kind>` sends protobuf bodies; the lab's API server reads them for every
+/// generator kind and stores what kubectl meant, read back as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_create_generators_send_protobuf_and_the_lab_stores_what_they_meant() {
+    if !kubectl_available() {
+        return;
+    }
+    let site = Site::start_open().await;
+    let kc = site.kubeconfig.clone();
+    tokio::task::spawn_blocking(move || {
+        let ns = ["-n", "shop"];
+        let create = |args: &[&str]| {
+            let mut all = vec!["create"];
+            all.extend_from_slice(args);
+            let out = kubectl(&kc, &all);
+            assert!(out.contains("created"), "kubectl create {args:?}: {out}");
+        };
+        let get = |args: &[&str], path: &str| {
+            let mut all = ns.to_vec();
+            all.push("get");
+            all.extend_from_slice(args);
+            let jsonpath = format!("jsonpath={path}");
+            all.extend_from_slice(&["-o", &jsonpath]);
+            kubectl(&kc, &all)
+        };
+        create(&["namespace", "shop"]);
+        create(&[
+            "-n",
+            "shop",
+            "deployment",
+            "web",
+            "--image=ferry-lab/sqlite-writer",
+            "--replicas=2",
+            "--port=8080",
+        ]);
+        create(&[
+            "-n",
+            "shop",
+            "configmap",
+            "settings",
+            "--from-literal=mode=fast",
+        ]);
+        create(&[
+            "-n",
+            "shop",
+            "secret",
+            "generic",
+            "creds",
+            "--from-literal=password=hunter2",
+        ]);
+        create(&["-n", "shop", "service", "clusterip", "web", "--tcp=80:8080"]);
+        create(&["-n", "shop", "serviceaccount", "robot"]);
+        create(&[
+            "-n",
+            "shop",
+            "role",
+            "reader",
+            "--verb=get,list",
+            "--resource=pods",
+        ]);
+        create(&[
+            "-n",
+            "shop",
+            "rolebinding",
+            "robot-reads",
+            "--role=reader",
+            "--serviceaccount=shop:robot",
+        ]);
+        create(&[
+            "-n",
+            "shop",
+            "cronjob",
+            "nightly",
+            "--image=ferry-lab/sqlite-writer",
+            "--schedule=0 3 * * *",
+            "--",
+            "vacuum",
+        ]);
+        create(&[
+            "-n",
+            "shop",
+            "job",
+            "once",
+            "--image=ferry-lab/sqlite-writer",
+            "--",
+            "check",
+        ]);
+        create(&[
+            "clusterrole",
+            "shop-viewer",
+            "--verb=get",
+            "--resource=configmaps",
+        ]);
+
+        assert_eq!(
+            get(
+                &["deploy", "web"],
+                "{.spec.replicas} {.spec.selector.matchLabels.app} \
+                 {.spec.template.spec.containers[0].image} \
+                 {.spec.template.spec.containers[0].ports[0].containerPort}"
+            ),
+            "2 web ferry-lab/sqlite-writer 8080"
+        );
+        // kubectl's generators leave the template's creationTimestamp at Go's zero time.
+        assert_eq!(
+            get(
+                &["deploy", "web"],
+                "{.spec.template.metadata.creationTimestamp}"
+            ),
+            ""
+        );
+        assert_eq!(get(&["cm", "settings"], "{.data.mode}"), "fast");
+        // Secret data travels as bytes in protobuf and as base64 in JSON.
+        assert_eq!(
+            get(&["secret", "creds"], "{.data.password}"),
+            "aHVudGVyMg=="
+        );
+        assert_eq!(
+            get(
+                &["svc", "web"],
+                "{.spec.ports[0].port} {.spec.ports[0].targetPort}"
+            ),
+            "80 8080"
+        );
+        assert_eq!(
+            get(
+                &["role", "reader"],
+                "{.rules[0].verbs} {.rules[0].resources}"
+            ),
+            r#"["get","list"] ["pods"]"#
+        );
+        assert_eq!(
+            get(
+                &["rolebinding", "robot-reads"],
+                "{.roleRef.kind}/{.roleRef.name} {.subjects[0].kind}/{.subjects[0].name}"
+            ),
+            "Role/reader ServiceAccount/robot"
+        );
+        assert_eq!(
+            get(
+                &["cronjob", "nightly"],
+                "{.spec.schedule}|{.spec.jobTemplate.spec.template.spec.containers[0].command}"
+            ),
+            r#"0 3 * * *|["vacuum"]"#
+        );
+        assert_eq!(
+            kubectl(
+                &kc,
+                &[
+                    "get",
+                    "clusterrole",
+                    "shop-viewer",
+                    "-o",
+                    "jsonpath={.rules[0].resources}"
+                ]
+            ),
+            r#"["configmaps"]"#
+        );
+        assert_eq!(
+            get(
+                &["job", "once"],
+                "{.spec.template.spec.restartPolicy}|{.spec.template.spec.containers[0].command}"
+            ),
+            r#"Never|["check"]"#
+        );
+        kubectl(&kc, &["delete", "clusterrole", "shop-viewer"]);
+        kubectl(&kc, &["delete", "ns", "shop", "--timeout=30s"]);
+    })
+    .await
+    .unwrap();
+    drop(site);
+}

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod lifecycle;
 pub mod objects;
 pub mod printers;
+pub mod protobuf;
 pub mod registry;
 pub mod request;
 pub mod scale;

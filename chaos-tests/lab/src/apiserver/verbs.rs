@@ -22,7 +22,7 @@ use super::objects::{self, meta_str, name_of};
 use super::registry::ResourceInfo;
 use super::request::{Query, Target};
 use super::store::{object_key, Mutation, Store};
-use super::{json_response, scale, table, watch, ApiState};
+use super::{json_response, protobuf, scale, table, watch, ApiState};
 
 /// One resource request, resolved.
 pub struct Req<'a> {
@@ -83,15 +83,12 @@ impl Req<'_> {
             .unwrap_or("application/json")
     }
 
-    /// Decodes the body as JSON, or YAML when the content type says so.
+    /// Decodes the body as JSON, as YAML or protobuf when the content type says so.
     fn decode_body(&self) -> Result<Value, ApiError> {
-        if self.content_type().contains("protobuf") {
+        if self.content_type().starts_with(protobuf::MEDIA_TYPE) {
             // kubectl's typed generators (`kubectl create ns|configmap|deployment`) send
-            // protobuf; the lab speaks JSON and YAML only (docs/lab.md).
-            return Err(ApiError::unsupported_media_type(&[
-                "application/json",
-                "application/yaml",
-            ]));
+            // protobuf.
+            return protobuf::decode(self.body);
         }
         let value: Value = if self.content_type().contains("yaml") {
             serde_yaml::from_slice(self.body)
