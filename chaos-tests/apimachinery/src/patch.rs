@@ -49,8 +49,9 @@
 //! on a map (the map becomes `{}`, as in the Go code); `$patch: merge` (the
 //! default); `$deleteFromPrimitiveList/<field>` (remove those values from a
 //! primitive list); `$retainKeys` (keys of the original map not listed are
-//! cleared before merging). `$setElementOrder/<field>` is accepted and
-//! stripped without reordering. The apiserver refuses strategic merge patches
+//! cleared before merging). Merged lists are ordered as the API server orders
+//! them (`api_server_order`). `$setElementOrder/<field>` is accepted and
+//! stripped without further reordering. The apiserver refuses strategic merge patches
 //! for custom resources (HTTP 415); that choice is left to the caller.
 //!
 //! # Server-side apply
@@ -523,6 +524,13 @@ fn smp_list(
     let kind = declared_list_kind(parent, field, original.iter().chain(patch));
     match kind {
         ListKind::Keyed(key) if patch.iter().all(Value::is_object) => {
+            let id_of = |e: &Value| e.get(key).cloned().unwrap_or(Value::Null);
+            let server_order: Vec<Value> = original.iter().map(id_of).collect();
+            let patch_order: Vec<Value> = patch
+                .iter()
+                .filter(|e| element_directive(e) != Some(&Value::String("delete".into())))
+                .map(id_of)
+                .collect();
             for (index, element) in patch.iter().enumerate() {
                 let element_path = format!("{path}[{index}]");
                 let Some(element_map) = element.as_object() else {
@@ -566,18 +574,71 @@ fn smp_list(
                     )?)),
                 }
             }
-            Ok(original)
+            Ok(api_server_order(
+                original,
+                &server_order,
+                &patch_order,
+                id_of,
+            ))
         }
         ListKind::Set if patch.iter().all(|e| !e.is_object() && !e.is_array()) => {
+            let server_order = original.clone();
             for element in patch {
                 if !original.contains(element) {
                     original.push(element.clone());
                 }
             }
-            Ok(original)
+            Ok(api_server_order(
+                original,
+                &server_order,
+                patch,
+                Value::clone,
+            ))
         }
         _ => Ok(patch.to_vec()),
     }
+}
+
+/// Orders a merged list as the API server's strategic merge does (`normalizeElementOrder`):
+/// the patch's elements in the patch's order and the others in their old order, interleaved so
+/// that an element of each kept from the old list keeps its old place relative to the other,
+/// and a new element goes before the old-only elements that follow it. Checked against
+/// kube-apiserver 1.32: `[1,2,3]` patched with `[2,4]` gives `[1,2,4,3]`; finalizers `[a,b]`
+/// patched with `[c,a]` give `[c,a,b]`.
+fn api_server_order(
+    merged: Vec<Value>,
+    server_order: &[Value],
+    patch_order: &[Value],
+    id_of: impl Fn(&Value) -> Value,
+) -> Vec<Value> {
+    let mut patched: Vec<Option<Value>> = vec![None; patch_order.len()];
+    let mut server_only = Vec::new();
+    for element in merged {
+        let id = id_of(&element);
+        match patch_order.iter().position(|p| *p == id) {
+            Some(i) if patched[i].is_none() => patched[i] = Some(element),
+            _ => server_only.push(element),
+        }
+    }
+    let patched: Vec<Value> = patched.into_iter().flatten().collect();
+    let old_index = |e: &Value| server_order.iter().position(|s| *s == id_of(e));
+    let mut out = Vec::with_capacity(patched.len() + server_only.len());
+    let (mut left, mut right) = (
+        server_only.into_iter().peekable(),
+        patched.into_iter().peekable(),
+    );
+    loop {
+        let take_left = match (left.peek(), right.peek()) {
+            (Some(l), Some(r)) => {
+                matches!((old_index(l), old_index(r)), (Some(a), Some(b)) if a < b)
+            }
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        out.extend(if take_left { left.next() } else { right.next() });
+    }
+    out
 }
 
 /// Which part of an object a write covers, following whether the resource
@@ -1789,11 +1850,12 @@ mod tests {
             containers[0]["env"],
             json!([{"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}])
         );
+        // As the API server orders them: a new element before the old-only ones after it.
+        assert_eq!(containers[1], json!({"name": "new", "image": "new:1"}));
         assert_eq!(
-            containers[1],
+            containers[2],
             json!({"name": "sidecar", "image": "proxy:1"})
         );
-        assert_eq!(containers[2], json!({"name": "new", "image": "new:1"}));
     }
 
     #[test]
@@ -1839,7 +1901,20 @@ mod tests {
                 "$deleteFromPrimitiveList",
                 json!({"metadata": {"finalizers": ["a", "b"]}}),
                 json!({"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"], "finalizers": ["c"]}}),
-                json!({"metadata": {"finalizers": ["b", "c"]}}),
+                json!({"metadata": {"finalizers": ["c", "b"]}}),
+            ),
+            // The orders below are kube-apiserver 1.32's answers to the same patches.
+            (
+                "a new keyed element goes before the old-only ones after it",
+                json!({"env": [{"name": "1"}, {"name": "2"}, {"name": "3"}]}),
+                json!({"env": [{"name": "2", "value": "x"}, {"name": "4"}]}),
+                json!({"env": [{"name": "1"}, {"name": "2", "value": "x"}, {"name": "4"}, {"name": "3"}]}),
+            ),
+            (
+                "a new set element goes first, the patch's order is kept",
+                json!({"metadata": {"finalizers": ["a", "b"]}}),
+                json!({"metadata": {"finalizers": ["c", "a"]}}),
+                json!({"metadata": {"finalizers": ["c", "a", "b"]}}),
             ),
             (
                 "other lists are atomic",
@@ -1875,7 +1950,7 @@ mod tests {
                 "ownerReferences by uid",
                 json!({"metadata": {"ownerReferences": [{"uid": "1", "name": "a"}]}}),
                 json!({"metadata": {"ownerReferences": [{"uid": "2", "name": "b"}]}}),
-                json!({"metadata": {"ownerReferences": [{"uid": "1", "name": "a"}, {"uid": "2", "name": "b"}]}}),
+                json!({"metadata": {"ownerReferences": [{"uid": "2", "name": "b"}, {"uid": "1", "name": "a"}]}}),
             ),
             (
                 "$retainKeys clears unlisted keys",

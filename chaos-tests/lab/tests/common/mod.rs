@@ -1,8 +1,10 @@
-//! Test fixture: a lab site in this process, or any cluster named by a kubeconfig.
+//! Test fixture: a lab site in this process, a lab site on a real Kubernetes control plane
+//! (`ferry-lab up --control-plane kubernetes`), or any cluster named by a kubeconfig.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_lab::apiserver::store::WATCH_WINDOW;
@@ -26,6 +28,36 @@ pub struct Site {
     pub watch_window: usize,
     /// Bearer token the in-process server requires.
     pub token: Option<String>,
+    /// The lab directory of a site on the real control plane (stopped on drop).
+    pub lab: Option<PathBuf>,
+}
+
+/// Runs `ferry-lab ARGS --dir LAB`; panics with its output unless it succeeds.
+fn ferry_lab(args: &[&str], lab: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+        .args(args)
+        .arg("--dir")
+        .arg(lab)
+        .output()
+        .expect("ferry-lab runs");
+    assert!(
+        out.status.success(),
+        "ferry-lab {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(lab) = &self.lab {
+            let _ = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
+                .arg("down")
+                .arg("--dir")
+                .arg(lab)
+                .output();
+        }
+    }
 }
 
 impl Site {
@@ -55,6 +87,7 @@ impl Site {
                 dir: None,
                 watch_window,
                 token,
+                lab: None,
             };
         }
         let dir = tempfile::tempdir().expect("temp dir");
@@ -74,7 +107,36 @@ impl Site {
             dir: Some(dir),
             watch_window,
             token,
+            lab: None,
         }
+    }
+
+    /// One bare site (`ferry-lab up --sites a --bare`) on a real control plane: etcd,
+    /// kube-apiserver, controller-manager and scheduler from the kit. `None` (with a message)
+    /// without the kit; panics under `CI=true` ([`ferry_lab::control_plane::kubernetes_for_test`]).
+    pub async fn start_kubernetes(test: &str) -> Option<Self> {
+        let settings = ferry_lab::control_plane::kubernetes_for_test(test)?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let lab = dir.path().join("lab");
+        let mut args = vec![
+            "up".to_string(),
+            "--sites".into(),
+            "a".into(),
+            "--bare".into(),
+        ];
+        args.extend(settings.up_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let site = Self {
+            server: None,
+            kubeconfig: lab.join("a/kubeconfig"),
+            dir: Some(dir),
+            watch_window: 0,
+            token: None,
+            lab: Some(lab),
+        };
+        // `site` stops the lab on drop should `up` fail half-way.
+        ferry_lab(&args, site.lab.as_deref().unwrap());
+        Some(site)
     }
 
     async fn serve(
@@ -94,13 +156,34 @@ impl Site {
             .expect("lab api server starts")
     }
 
-    /// Whether the target is the in-process lab (restart tests need it).
+    /// Whether the target is the in-process lab.
     pub fn is_lab(&self) -> bool {
         self.server.is_some()
     }
 
-    /// Stops the site and starts it again on the same address and store.
+    /// Whether the target is a lab site on the real control plane.
+    pub fn is_kubernetes(&self) -> bool {
+        self.lab.is_some()
+    }
+
+    /// Whether [`Site::restart`] can restart the target (the lab, on either control plane).
+    pub fn can_restart(&self) -> bool {
+        self.is_lab() || self.is_kubernetes()
+    }
+
+    /// Stops the site and starts it again on the same address and store: the in-process
+    /// server, or on the real control plane a power cut (`site kill`: SIGKILL to etcd and
+    /// every control-plane process) and `site start`, which returns once it serves again.
     pub async fn restart(&mut self) {
+        if let Some(lab) = self.lab.clone() {
+            tokio::task::spawn_blocking(move || {
+                ferry_lab(&["site", "kill", "a"], &lab);
+                ferry_lab(&["site", "start", "a"], &lab);
+            })
+            .await
+            .expect("restart runs");
+            return;
+        }
         let server = self.server.take().expect("restart needs the lab");
         let addr = server.addr();
         server.shutdown().await;
