@@ -57,6 +57,10 @@ wire_enum! {
         /// Reserved: the witness quorum that arbitrates automatic failover
         /// cannot be reached from this site.
         WitnessQuorumLost = "WitnessQuorumLost",
+        /// At the destination, with `spec.standby: Applied`: the newest generation's
+        /// manifests are applied here, parked (normal-true). Written only once a pair has
+        /// been in warm standby; `False` with `StandbyStored` after a switch back to cold.
+        StandbyApplied = "StandbyApplied",
     }
 }
 
@@ -107,6 +111,15 @@ wire_enum! {
         /// `Ready=False`: this site lost its witness lease or learned a newer epoch; the app
         /// is scaled to zero here (fenced).
         Fenced = "Fenced",
+        /// `StandbyApplied=True`: the newest generation's manifests are applied, parked.
+        StandbyCurrent = "StandbyCurrent",
+        /// `StandbyApplied=False`: applying a generation's manifests at the destination
+        /// failed; the message names the object and the API server's answer (a missing
+        /// permission names the verb and resource). The generation itself is committed.
+        StandbyApplyFailed = "StandbyApplyFailed",
+        /// `StandbyApplied=False`: `spec.standby` is `Stored` (cold standby): nothing is
+        /// applied here until a migration or failover.
+        StandbyStored = "StandbyStored",
     }
 }
 

@@ -391,7 +391,7 @@ pub struct DRPairStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_request: Option<String>,
     /// Conditions keyed by type: Synced, PeerReachable, RPOMet, Ready,
-    /// FailoverBlocked, WitnessQuorumLost.
+    /// FailoverBlocked, WitnessQuorumLost and, at a warm standby, StandbyApplied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -209,3 +209,108 @@ async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kube
     })
     .await;
 }
+
+/// A warm standby (`spec.standby: Applied`) whose apply the DR site's RBAC refuses: the pair
+/// at the DR site says so on `StandbyApplied=False` and in a `StandbyApplyFailed` Event, naming
+/// the verb and resource, while the generation itself is still committed there; with the
+/// permission back, the next generation is applied and the condition turns `True`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes() {
+    let Some(settings) =
+        kubernetes_for_test("a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (a, b) = e2e::setup_with_on(&lab.0, &Protection::PLANNED, &settings).await;
+
+    // Take the `apps` writes away from Ferry at b, then ask for a warm standby.
+    let roles: Api<ClusterRole> = Api::all(b.clone());
+    let original = roles.get("ferry").await.unwrap().rules.unwrap_or_default();
+    let narrowed: Vec<_> = original
+        .iter()
+        .filter(|r| !r.api_groups.iter().flatten().any(|g| g == "apps"))
+        .cloned()
+        .collect();
+    assert!(
+        narrowed.len() < original.len(),
+        "the chart grants apps writes"
+    );
+    let set_rules = |rules: Vec<k8s_openapi::api::rbac::v1::PolicyRule>| {
+        let roles = roles.clone();
+        async move {
+            roles
+                .patch(
+                    "ferry",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"rules": rules})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_rules(narrowed).await;
+    let pairs_a: Api<DRPair> = Api::namespaced(a.clone(), NS);
+    pairs_a
+        .patch(
+            "ledger",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"standby": "Applied"}})),
+        )
+        .await
+        .unwrap();
+    e2e::sync_now(&a, "refused").await;
+
+    let pairs_b: Api<DRPair> = Api::namespaced(b.clone(), NS);
+    let standby = |want: &'static str, text: &'static str| {
+        let pairs_b = pairs_b.clone();
+        async move {
+            eventually(&format!("StandbyApplied={want} at b"), || async {
+                let p = pairs_b.get("ledger").await.map_err(|e| e.to_string())?;
+                let s = p.status.unwrap_or_default();
+                let c = s.conditions.iter().find(|c| c.type_ == "StandbyApplied");
+                match c {
+                    Some(c) if c.status == want && c.message.contains(text) => Ok(s),
+                    other => Err(format!("{other:?}")),
+                }
+            })
+            .await
+        }
+    };
+    let expected = "resource \"deployments\" in API group \"apps\"";
+    let refused = standby("False", expected).await;
+    let synced = refused.conditions.iter().find(|c| c.type_ == "Synced");
+    assert!(
+        synced.is_some_and(|c| c.status == "True"),
+        "the generation is committed at b all the same: {synced:?}"
+    );
+    println!(
+        "StandbyApplied=False: {}",
+        refused
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "StandbyApplied")
+            .unwrap()
+            .message
+    );
+    let events: Api<Event> = Api::namespaced(b.clone(), NS);
+    let named = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .any(|e| {
+            e.reason.as_deref() == Some("StandbyApplyFailed")
+                && e.message.as_deref().is_some_and(|m| m.contains(expected))
+        });
+    assert!(
+        named,
+        "a StandbyApplyFailed Event at b names the permission"
+    );
+
+    set_rules(original).await;
+    e2e::sync_now(&a, "allowed").await;
+    standby("True", "applied here, parked").await;
+}

@@ -19,7 +19,7 @@ use ferry_schemas::{DRPair, Site};
 
 use super::capture::capture_generation;
 use super::movers::MoverPods;
-use super::status::PairStatus;
+use super::status::{ConditionSet, PairStatus};
 use crate::delta::HashStore;
 use crate::destination::{CommittedGeneration, DestinationObserver, PairKey, Rejection, SiteView};
 use crate::metrics::{Metrics, PairLabels};
@@ -488,17 +488,28 @@ impl SiteObserver {
         generation: u64,
         pair_json: &[u8],
         manifests_json: &[u8],
-    ) {
-        let Ok(declared) = serde_json::from_slice::<serde_json::Value>(pair_json) else {
-            return;
-        };
-        let Ok(spec) =
-            serde_json::from_value::<ferry_schemas::DRPairSpec>(declared["spec"].clone())
-        else {
-            return;
-        };
+    ) -> Option<ConditionSet> {
+        let declared = serde_json::from_slice::<serde_json::Value>(pair_json).ok()?;
+        let spec =
+            serde_json::from_value::<ferry_schemas::DRPairSpec>(declared["spec"].clone()).ok()?;
+        let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
         if spec.standby != ferry_schemas::drpair::StandbyMode::Applied {
-            return;
+            // Cold standby: say so only where a warm standby was reported before.
+            let here = api.get_opt(&pair.name).await.ok().flatten()?;
+            let reported = here.status.is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == T::StandbyApplied.as_str())
+            });
+            return reported.then(|| {
+                (
+                    T::StandbyApplied,
+                    S::False,
+                    R::StandbyStored,
+                    "spec.standby is Stored: nothing is applied here until a migration or failover"
+                        .to_string(),
+                )
+            });
         }
         let result = async {
             let bundle = crate::manifests::ManifestBundle::from_json_bytes(manifests_json)
@@ -520,24 +531,39 @@ impl SiteObserver {
                     super::status::MANAGER,
                 )
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    format!(
+                        "{} {}: {e}",
+                        object["kind"].as_str().unwrap_or_default(),
+                        object["metadata"]["name"].as_str().unwrap_or_default()
+                    )
+                })?;
             }
             Ok::<(), String>(())
         }
         .await;
-        if let Err(message) = result {
-            tracing::warn!(pair = %pair, generation, %message, "applying the standby manifests");
-            let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
-            if let Ok(Some(object)) = api.get_opt(&pair.name).await {
-                self.status
-                    .event(
-                        &object,
-                        true,
-                        "StandbyApplyFailed",
-                        "Receive",
-                        format!("generation {generation}: {message}"),
-                    )
-                    .await;
+        match result {
+            Ok(()) => Some((
+                T::StandbyApplied,
+                S::True,
+                R::StandbyCurrent,
+                format!("generation {generation}'s manifests are applied here, parked"),
+            )),
+            Err(message) => {
+                tracing::warn!(pair = %pair, generation, %message, "applying the standby manifests");
+                let message = format!("generation {generation}: {message}");
+                if let Ok(Some(object)) = api.get_opt(&pair.name).await {
+                    self.status
+                        .event(
+                            &object,
+                            true,
+                            "StandbyApplyFailed",
+                            "Receive",
+                            message.clone(),
+                        )
+                        .await;
+                }
+                Some((T::StandbyApplied, S::False, R::StandbyApplyFailed, message))
             }
         }
     }
@@ -600,7 +626,8 @@ impl DestinationObserver for SiteObserver {
                 return;
             }
         }
-        self.apply_standby(pair, generation.generation, pair_json, manifests_json)
+        let standby = self
+            .apply_standby(pair, generation.generation, pair_json, manifests_json)
             .await;
         let capture = from_unix(generation.capture_time_unix_seconds);
         let lag = SystemTime::now()
@@ -617,30 +644,27 @@ impl DestinationObserver for SiteObserver {
             "currentLagSeconds": (lag * 10.0).round() / 10.0,
             "phase": "Replicating",
         });
+        let mut conditions = vec![
+            (
+                T::Synced,
+                S::True,
+                R::SyncSucceeded,
+                format!(
+                    "generation {} received and committed at {}",
+                    generation.generation, self.site
+                ),
+            ),
+            (
+                T::Ready,
+                S::True,
+                R::Protected,
+                format!("generation {} is complete here", generation.generation),
+            ),
+        ];
+        conditions.extend(standby);
         let _ = self
             .status
-            .patch(
-                &pair.namespace,
-                &pair.name,
-                fields,
-                &[
-                    (
-                        T::Synced,
-                        S::True,
-                        R::SyncSucceeded,
-                        format!(
-                            "generation {} received and committed at {}",
-                            generation.generation, self.site
-                        ),
-                    ),
-                    (
-                        T::Ready,
-                        S::True,
-                        R::Protected,
-                        format!("generation {} is complete here", generation.generation),
-                    ),
-                ],
-            )
+            .patch(&pair.namespace, &pair.name, fields, &conditions)
             .await;
     }
 }
