@@ -9,9 +9,11 @@
 //!   merge patch and server-side apply.
 //! - [`validation`]: OpenAPI v3 structural-schema validation and pruning of
 //!   custom resources, with field-path errors in the apiserver's wording.
+//! - [`pattern`]: OpenAPI `pattern`s with Go's RE2 semantics (the `regex` crate).
 //! - [`status`]: `metav1.Status` errors with the codes and reasons clients expect.
 
 pub mod patch;
+pub mod pattern;
 pub mod selector;
 pub mod status;
 pub mod validation;
