@@ -79,7 +79,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                     return 1;
                 }
             };
-            match ferry_witness::client::QuorumClient::new(&witnesses, &tls) {
+            match ferry_witness_client::QuorumClient::new(&witnesses, &tls) {
                 Ok(client) => Some(crate::quorum::Quorum {
                     client,
                     lease: cli.lease,
@@ -107,7 +107,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         tokio::select! {
             () = crate::migration::run(ctx) => 0,
             () = agent => 0,
-            () = ferry_replicator::cli::shutdown_signal() => 0,
+            () = ferry_runtime::shutdown_signal() => 0,
         }
     })
 }

@@ -215,7 +215,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         };
         tokio::select! {
             () = run => 0,
-            () = ferry_replicator::cli::shutdown_signal() => 143,
+            () = ferry_runtime::shutdown_signal() => 143,
         }
     })
 }

@@ -8,14 +8,14 @@ use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::api::DeleteParams;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use ferry_replicator::cluster::replicas::{generation_snapshot, manifests_secret, MANIFESTS_KEY};
-use ferry_replicator::manifests::{instantiation_order, transform, ManifestBundle};
+use ferry_manifests::{plan_instantiation, Instantiation, ManifestBundle};
+use ferry_schemas::contract::{manifests_secret, MANIFESTS_KEY};
 use ferry_schemas::DRPair;
 
 /// Field manager of everything the controller applies.
-pub const MANAGER: &str = "ferry-controller";
+pub const MANAGER: &str = ferry_runtime::Component::Controller.manager();
 
 /// Failures instantiating; each names the object.
 #[derive(Debug, thiserror::Error)]
@@ -72,28 +72,14 @@ pub async fn plan(
         .and_then(|d| d.get(MANIFESTS_KEY).cloned())
         .ok_or_else(|| missing(format!("Secret {secret_name} has no {MANIFESTS_KEY}")))?;
     let bundle = ManifestBundle::from_json_bytes(&bytes.0).map_err(|e| missing(e.to_string()))?;
-    let mut objects = transform(bundle.objects, &pair.spec.transform)
-        .map_err(|e| InstantiateError::Transform(e.to_string()))?;
-    for object in &mut objects {
-        if object["kind"] == "PersistentVolumeClaim" && object["apiVersion"] == "v1" {
-            let claim = object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let spec = &mut object["spec"];
-            if let Some(spec) = spec.as_object_mut() {
-                spec.remove("volumeName");
-                spec.remove("dataSourceRef");
-            }
-            object["spec"]["dataSource"] = json!({
-                "apiGroup": "snapshot.storage.k8s.io",
-                "kind": "VolumeSnapshot",
-                "name": generation_snapshot(&pair_name, &claim, generation),
-            });
-        }
-        object["metadata"]["namespace"] = json!(namespace);
-    }
-    Ok(instantiation_order(objects))
+    plan_instantiation(
+        bundle.objects,
+        &pair_name,
+        namespace,
+        &pair.spec.transform,
+        Instantiation::Run { generation },
+    )
+    .map_err(|e| InstantiateError::Transform(e.to_string()))
 }
 
 /// Applies `waves` at `target` with server-side apply (manager [`MANAGER`], forced).
@@ -161,7 +147,7 @@ async fn apply_one(client: &Client, object: &Value) -> Result<(), InstantiateErr
     if kind == "PersistentVolumeClaim" {
         replace_stale_claim(client, object).await.map_err(&fail)?;
     }
-    ferry_replicator::manifests::apply_object(client, object, MANAGER)
+    ferry_manifests::apply_object(client, object, MANAGER)
         .await
         .map_err(|e| fail(e.message))
 }

@@ -25,7 +25,7 @@ pub const RUN_UNTIL_ANNOTATION: &str = "ferry.dev/run-until";
 /// Annotation on the Lease: the epoch the lease was granted at.
 pub const EPOCH_ANNOTATION: &str = "ferry.dev/epoch";
 /// Field manager of the Lease.
-const MANAGER: &str = "ferry-controller";
+const MANAGER: &str = ferry_runtime::Component::Controller.manager();
 
 /// The Lease of pair `pair` (the DRPair's name), in the pair's namespace.
 pub fn lease_name(pair: &str) -> String {

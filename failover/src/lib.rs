@@ -6,13 +6,15 @@
 //! ([`quorum`]) it also holds each active pair's lease, mirrors it in a site-local Lease
 //! ([`lease`]) that the app's `ferry-gate` init container waits for ([`gate`]), fences this
 //! site when the lease is lost, and carries out failovers the quorum decides or a person
-//! requests ([`takeover`]).
+//! requests ([`takeover`]). Every reconcile shares a [`context::Context`] and fails with a
+//! typed [`context::ReconcileError`].
 //!
 //! Data flows one way: the replicator produces committed generations (VolumeSnapshots and a
 //! manifests Secret at the destination, DRPair status at both sites); this controller only
 //! reads them and asks for a sync through the `ferry.dev/sync-request` annotation.
 
 pub mod cli;
+pub mod context;
 pub mod gate;
 pub mod instantiate;
 pub mod lease;

@@ -23,10 +23,10 @@ use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{json, Value};
 
-use ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION;
 use ferry_schemas::conditions::{
     ConditionStatus as S, MigrationConditionReason as R, MigrationConditionType as T,
 };
+use ferry_schemas::contract::SYNC_REQUEST_ANNOTATION;
 use ferry_schemas::migration::MigrationPhase as P;
 use ferry_schemas::{DRPair, Migration};
 
@@ -35,27 +35,7 @@ use crate::{instantiate, peer, quiesce};
 /// How often a phase that waits on the cluster is re-checked.
 const POLL: Duration = Duration::from_secs(1);
 
-/// Shared state of the controller.
-pub struct Context {
-    /// This site's name.
-    pub site: String,
-    /// This site's API client.
-    pub client: Client,
-    /// The witness quorum, when this site uses one (`--witness`): planned migrations and
-    /// failovers then go through it, and bump the epoch there first.
-    pub quorum: Option<crate::quorum::Quorum>,
-}
-
-/// Reconcile failures: transient, retried with back-off.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ReconcileError(pub(crate) String);
-
-impl From<kube::Error> for ReconcileError {
-    fn from(e: kube::Error) -> Self {
-        Self(e.to_string())
-    }
-}
+pub use crate::context::{Context, ReconcileError};
 
 pub(crate) fn now() -> Time {
     Time(Timestamp::now())
@@ -185,14 +165,12 @@ pub(crate) async fn seed(
     generation: u64,
     diverged: bool,
 ) -> Result<(), ReconcileError> {
-    use ferry_replicator::cluster::movers::PAIR_LABEL;
-    use ferry_replicator::cluster::replicas::{
-        generation_snapshot, DIVERGED_LABEL, GENERATION_LABEL, ROLE_LABEL, SEED_LABEL, VOLUME_LABEL,
+    use ferry_schemas::contract::{
+        generation_snapshot, DIVERGED_LABEL, GENERATION_LABEL, PAIR_LABEL, REPLICA_ROLE,
+        ROLE_LABEL, SEED_LABEL, VOLUME_LABEL,
     };
     let pair_name = pair.name_any();
-    let app = ferry_replicator::manifests::capture(client, namespace, &pair.spec.selector)
-        .await
-        .map_err(|e| ReconcileError(format!("listing the app's PVCs: {e}")))?;
+    let app = ferry_manifests::capture(client, namespace, &pair.spec.selector).await?;
     let claims: Vec<String> = match &pair.spec.volumes {
         Some(named) => named.clone(),
         None => app.pvcs,
@@ -200,14 +178,14 @@ pub(crate) async fn seed(
     for claim in claims {
         let labels = std::collections::BTreeMap::from([
             (PAIR_LABEL.to_string(), pair_name.clone()),
-            (ROLE_LABEL.to_string(), "replica".to_string()),
+            (ROLE_LABEL.to_string(), REPLICA_ROLE.to_string()),
             (GENERATION_LABEL.to_string(), generation.to_string()),
             (VOLUME_LABEL.to_string(), claim.clone()),
             (SEED_LABEL.to_string(), "true".to_string()),
             (DIVERGED_LABEL.to_string(), diverged.to_string()),
         ]);
         let name = generation_snapshot(&pair_name, &claim, generation);
-        ferry_replicator::cluster::volumes::snapshot_claim(
+        ferry_runtime::volumes::snapshot_claim(
             client,
             namespace,
             &name,
@@ -216,7 +194,10 @@ pub(crate) async fn seed(
             &Default::default(),
         )
         .await
-        .map_err(|e| ReconcileError(format!("seeding {claim}: {e}")))?;
+        .map_err(|source| ReconcileError::Seed {
+            claim: claim.clone(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -247,203 +228,300 @@ async fn reconcile(migration: Arc<Migration>, ctx: Arc<Context>) -> Result<Actio
     if migration.spec.type_ == ferry_schemas::migration::MigrationType::Failover {
         return crate::takeover::reconcile(&step, &ctx, &pair, phase).await;
     }
-    let pair_status = pair.status.clone().unwrap_or_default();
-    let target = migration.spec.target_site.clone();
-    let source = ctx.site.clone();
+    let run = Planned {
+        ctx: &ctx,
+        step: &step,
+        pair_status: pair.status.clone().unwrap_or_default(),
+        target: migration.spec.target_site.clone(),
+        source: ctx.site.clone(),
+        status,
+        pair,
+        local_pairs,
+        pair_name,
+        namespace,
+    };
     match phase {
-        P::Pending => {
-            let active = pair_status
-                .active_site
-                .clone()
-                .unwrap_or_else(|| pair.spec.primary_site.clone());
-            if active != ctx.site {
-                // Only the controller of the active site drives a migration.
-                if status.phase.is_none() && migration.metadata.creation_timestamp.is_some() {
-                    return step.fail(R::TargetNotReady, format!("the app is active at site {active}, not at {}: create the Migration there", ctx.site)).await;
-                }
-                return Ok(Action::await_change());
+        P::Pending => run.pending().await,
+        P::Quiescing => run.quiescing().await,
+        P::FinalSync => run.final_sync().await,
+        P::Promoting => run.promoting().await,
+        P::Instantiating => run.instantiating().await,
+        P::Completed | P::Failed => Ok(Action::await_change()),
+    }
+}
+
+/// A planned migration (or failback) in progress at its source site: one method per phase,
+/// each idempotent, each recording the next phase before returning.
+struct Planned<'a> {
+    ctx: &'a Context,
+    step: &'a Step<'a>,
+    /// The Migration's status as read this reconcile.
+    status: ferry_schemas::MigrationStatus,
+    /// The local DRPair and its status.
+    pair: DRPair,
+    pair_status: ferry_schemas::DRPairStatus,
+    local_pairs: Api<DRPair>,
+    pair_name: String,
+    namespace: String,
+    /// The site the app moves to, and this (source) site.
+    target: String,
+    source: String,
+}
+
+impl Planned<'_> {
+    /// Checks the migration can start (active here, target is the peer, a complete generation there) and marks the pair Migrating.
+    async fn pending(&self) -> Result<Action, ReconcileError> {
+        let Planned {
+            ctx,
+            step,
+            status,
+            pair,
+            pair_status,
+            local_pairs,
+            pair_name,
+            target,
+            ..
+        } = self;
+        let migration = step.migration;
+        let active = pair_status
+            .active_site
+            .clone()
+            .unwrap_or_else(|| pair.spec.primary_site.clone());
+        if active != ctx.site {
+            // Only the controller of the active site drives a migration.
+            if status.phase.is_none() && migration.metadata.creation_timestamp.is_some() {
+                return step.fail(R::TargetNotReady, format!("the app is active at site {active}, not at {}: create the Migration there", ctx.site)).await;
             }
-            let peer_site = if pair.spec.primary_site == ctx.site {
-                &pair.spec.secondary_site
-            } else {
-                &pair.spec.primary_site
-            };
-            if &target != peer_site {
+            return Ok(Action::await_change());
+        }
+        let peer_site = if pair.spec.primary_site == ctx.site {
+            &pair.spec.secondary_site
+        } else {
+            &pair.spec.primary_site
+        };
+        if target != peer_site {
+            return step
+                .fail(
+                    R::InvalidSpec,
+                    format!("spec.targetSite: {target} is not the pair's peer site {peer_site}"),
+                )
+                .await;
+        }
+        if migration.spec.type_ == ferry_schemas::migration::MigrationType::Failback
+            && *target != pair.spec.primary_site
+        {
+            return step.fail(R::InvalidSpec, format!("spec.type: a Failback returns the app to its primary site {}, but the pair is active there already (spec.targetSite {target}); use type Planned", pair.spec.primary_site)).await;
+        }
+        if let Err(errors) = pair.spec.validate(None) {
+            return step
+                .fail(
+                    R::InvalidSpec,
+                    format!(
+                        "DRPair {pair_name} is invalid: {}",
+                        ferry_schemas::validation::join_errors(&errors)
+                    ),
+                )
+                .await;
+        }
+        if pair_status.generation.is_none() {
+            return step.fail(R::TargetNotReady, format!("no complete generation of {pair_name} at site {target} yet: wait for the pair to be Ready")).await;
+        }
+        let remote = match peer::peer_client(&ctx.client, target).await {
+            Ok(client) => client,
+            Err(e) => return step.fail(R::TargetUnreachable, e.to_string()).await,
+        };
+        match step.pairs(&remote).get_opt(pair_name).await {
+            Ok(Some(p)) if p.status.as_ref().and_then(|s| s.generation).is_some() => {}
+            Ok(_) => {
                 return step
                     .fail(
-                        R::InvalidSpec,
-                        format!(
-                            "spec.targetSite: {target} is not the pair's peer site {peer_site}"
-                        ),
+                        R::TargetNotReady,
+                        format!("site {target} holds no complete generation of {pair_name}"),
                     )
-                    .await;
+                    .await
             }
-            if migration.spec.type_ == ferry_schemas::migration::MigrationType::Failback
-                && target != pair.spec.primary_site
-            {
-                return step.fail(R::InvalidSpec, format!("spec.type: a Failback returns the app to its primary site {}, but the pair is active there already (spec.targetSite {target}); use type Planned", pair.spec.primary_site)).await;
-            }
-            if let Err(errors) = pair.spec.validate(None) {
+            Err(e) => {
                 return step
-                    .fail(
-                        R::InvalidSpec,
-                        format!(
-                            "DRPair {pair_name} is invalid: {}",
-                            ferry_schemas::validation::join_errors(&errors)
-                        ),
-                    )
-                    .await;
+                    .fail(R::TargetUnreachable, format!("site {target}: {e}"))
+                    .await
             }
-            if pair_status.generation.is_none() {
-                return step.fail(R::TargetNotReady, format!("no complete generation of {pair_name} at site {target} yet: wait for the pair to be Ready")).await;
-            }
-            let remote = match peer::peer_client(&ctx.client, &target).await {
-                Ok(client) => client,
-                Err(e) => return step.fail(R::TargetUnreachable, e.to_string()).await,
-            };
-            match step.pairs(&remote).get_opt(&pair_name).await {
-                Ok(Some(p)) if p.status.as_ref().and_then(|s| s.generation).is_some() => {}
-                Ok(_) => {
-                    return step
-                        .fail(
-                            R::TargetNotReady,
-                            format!("site {target} holds no complete generation of {pair_name}"),
-                        )
-                        .await
-                }
-                Err(e) => {
-                    return step
-                        .fail(R::TargetUnreachable, format!("site {target}: {e}"))
-                        .await
-                }
-            }
-            patch_pair_status(&local_pairs, &pair_name, json!({"phase": "Migrating"})).await?;
-            step.enter(P::Quiescing, json!({"startTime": now()}))
-                .await?;
-            Ok(Action::requeue(Duration::ZERO))
         }
-        P::Quiescing => {
-            quiesce::quiesce(&ctx.client, &namespace, &pair.spec.selector).await?;
-            step.enter(P::FinalSync, json!({})).await?;
-            Ok(Action::requeue(Duration::ZERO))
+        patch_pair_status(local_pairs, pair_name, json!({"phase": "Migrating"})).await?;
+        step.enter(P::Quiescing, json!({"startTime": now()}))
+            .await?;
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// Scales the app to zero at the source (the count kept in annotations).
+    async fn quiescing(&self) -> Result<Action, ReconcileError> {
+        let Planned {
+            ctx,
+            step,
+            pair,
+            namespace,
+            ..
+        } = self;
+        quiesce::quiesce(&ctx.client, namespace, &pair.spec.selector).await?;
+        step.enter(P::FinalSync, json!({})).await?;
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// Once the app stopped, asks the replicator for a final sync and waits until it is committed.
+    async fn final_sync(&self) -> Result<Action, ReconcileError> {
+        let Planned {
+            ctx,
+            step,
+            pair,
+            pair_status,
+            local_pairs,
+            pair_name,
+            namespace,
+            ..
+        } = self;
+        let migration = step.migration;
+        let running = quiesce::running_pods(&ctx.client, namespace, &pair.spec.selector).await?;
+        if !running.is_empty() {
+            tracing::info!(pods = ?running, "waiting for the app to stop at the source");
+            return Ok(Action::requeue(POLL));
         }
-        P::FinalSync => {
-            let running =
-                quiesce::running_pods(&ctx.client, &namespace, &pair.spec.selector).await?;
-            if !running.is_empty() {
-                tracing::info!(pods = ?running, "waiting for the app to stop at the source");
-                return Ok(Action::requeue(POLL));
-            }
-            let token = migration.uid().unwrap_or_default();
-            if pair_status.last_sync_request.as_deref() == Some(token.as_str()) {
-                let generation = pair_status.generation.map(|g| g.0).unwrap_or(0);
-                let epoch = pair_status.epoch.map(|e| e.0).unwrap_or(1) + 1;
-                step.enter(
-                    P::Promoting,
-                    json!({"generation": generation, "epoch": epoch}),
+        let token = migration.uid().unwrap_or_default();
+        if pair_status.last_sync_request.as_deref() == Some(token.as_str()) {
+            let generation = pair_status.generation.map(|g| g.0).unwrap_or(0);
+            let epoch = pair_status.epoch.map(|e| e.0).unwrap_or(1) + 1;
+            step.enter(
+                P::Promoting,
+                json!({"generation": generation, "epoch": epoch}),
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::ZERO));
+        }
+        if pair.annotations().get(SYNC_REQUEST_ANNOTATION) != Some(&token) {
+            local_pairs
+                .patch(
+                    pair_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"metadata": {"annotations": {SYNC_REQUEST_ANNOTATION: token}}}),
+                    ),
                 )
                 .await?;
-                return Ok(Action::requeue(Duration::ZERO));
-            }
-            if pair.annotations().get(SYNC_REQUEST_ANNOTATION) != Some(&token) {
-                local_pairs
-                    .patch(
-                        &pair_name,
-                        &PatchParams::default(),
-                        &Patch::Merge(
-                            json!({"metadata": {"annotations": {SYNC_REQUEST_ANNOTATION: token}}}),
-                        ),
-                    )
-                    .await?;
-            }
-            Ok(Action::requeue(POLL))
         }
-        P::Promoting => {
-            let epoch = status
-                .epoch
-                .map(|e| e.0)
-                .ok_or_else(|| ReconcileError("status.epoch missing in Promoting".into()))?;
-            let generation = status
-                .generation
-                .map(|g| g.0)
-                .ok_or_else(|| ReconcileError("status.generation missing in Promoting".into()))?;
-            // The app's volumes here hold exactly the final generation: keep them as its seed,
-            // so replication back from the target starts with a delta, not a full copy.
-            seed(&ctx.client, &pair, &namespace, generation, false).await?;
-            if let Some(quorum) = &ctx.quorum {
-                // The quorum first: the move is one raft entry, and the old epoch's lease dies
-                // with it.
-                crate::takeover::propose_migration(quorum, &step, &source, &target, epoch).await?;
-            }
-            let remote = peer::peer_client(&ctx.client, &target)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
-            // The target first: from here on it refuses the old epoch, which fences the source.
-            patch_pair_status(
-                &step.pairs(&remote),
-                &pair_name,
-                json!({"epoch": epoch, "activeSite": target, "phase": "Migrating"}),
-            )
-            .await?;
-            patch_pair_status(
-                &local_pairs,
-                &pair_name,
-                json!({"epoch": epoch, "activeSite": target}),
-            )
-            .await?;
-            step.enter(P::Instantiating, json!({})).await?;
-            Ok(Action::requeue(Duration::ZERO))
+        Ok(Action::requeue(POLL))
+    }
+
+    /// Seeds the source's volumes, moves the epoch (quorum, then target, then source): the source is fenced from here on.
+    async fn promoting(&self) -> Result<Action, ReconcileError> {
+        let Planned {
+            ctx,
+            step,
+            status,
+            pair,
+            local_pairs,
+            pair_name,
+            namespace,
+            target,
+            source,
+            ..
+        } = self;
+        let epoch = status
+            .epoch
+            .map(|e| e.0)
+            .ok_or(ReconcileError::MissingStatus {
+                field: "epoch",
+                phase: "Promoting",
+            })?;
+        let generation = status
+            .generation
+            .map(|g| g.0)
+            .ok_or(ReconcileError::MissingStatus {
+                field: "generation",
+                phase: "Promoting",
+            })?;
+        // The app's volumes here hold exactly the final generation: keep them as its seed,
+        // so replication back from the target starts with a delta, not a full copy.
+        seed(&ctx.client, pair, namespace, generation, false).await?;
+        if let Some(quorum) = &ctx.quorum {
+            // The quorum first: the move is one raft entry, and the old epoch's lease dies
+            // with it.
+            crate::takeover::propose_migration(quorum, step, source, target, epoch).await?;
         }
-        P::Instantiating => {
-            let generation = status
-                .generation
-                .map(|g| g.0)
-                .ok_or_else(|| ReconcileError("status.generation missing".into()))?;
-            let remote = peer::peer_client(&ctx.client, &target)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
-            let waves = instantiate::plan(&remote, &pair, &namespace, generation)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
-            instantiate::apply(&remote, &waves)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
-            let waiting = instantiate::not_ready(&remote, &namespace, &waves).await?;
-            if !waiting.is_empty() {
-                tracing::info!(?waiting, "waiting for the app at the target");
-                return Ok(Action::requeue(POLL));
-            }
-            // Replication now flows from the target back to this site.
-            patch_pair_status(
-                &step.pairs(&remote),
-                &pair_name,
-                json!({"phase": "Replicating"}),
-            )
-            .await?;
-            patch_pair_status(&local_pairs, &pair_name, json!({"phase": "Replicating"})).await?;
-            let rto = status.start_time.as_ref().map(seconds_since).unwrap_or(0.0);
-            let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
-            if let Some(list) = times.as_array_mut() {
-                list.push(json!({"phase": "Completed", "startTime": now()}));
-            }
-            let complete = T::Complete.condition(S::True, R::Succeeded, format!("{pair_name} runs at {target} from generation {generation}; {source} is scaled to zero"), migration.metadata.generation, now());
-            let progressing = T::Progressing.condition(
-                S::False,
-                R::Succeeded,
-                "done",
-                migration.metadata.generation,
-                now(),
-            );
-            step.api
+        let remote = peer::peer_client(&ctx.client, target).await?;
+        // The target first: from here on it refuses the old epoch, which fences the source.
+        patch_pair_status(
+            &step.pairs(&remote),
+            pair_name,
+            json!({"epoch": epoch, "activeSite": target, "phase": "Migrating"}),
+        )
+        .await?;
+        patch_pair_status(
+            local_pairs,
+            pair_name,
+            json!({"epoch": epoch, "activeSite": target}),
+        )
+        .await?;
+        step.enter(P::Instantiating, json!({})).await?;
+        Ok(Action::requeue(Duration::ZERO))
+    }
+
+    /// Stands the app up at the target from the final generation and waits until it is ready; Completed.
+    async fn instantiating(&self) -> Result<Action, ReconcileError> {
+        let Planned {
+            ctx,
+            step,
+            status,
+            pair,
+            local_pairs,
+            pair_name,
+            namespace,
+            target,
+            source,
+            ..
+        } = self;
+        let migration = step.migration;
+        let generation = status
+            .generation
+            .map(|g| g.0)
+            .ok_or(ReconcileError::MissingStatus {
+                field: "generation",
+                phase: "Instantiating",
+            })?;
+        let remote = peer::peer_client(&ctx.client, target).await?;
+        let waves = instantiate::plan(&remote, pair, namespace, generation).await?;
+        instantiate::apply(&remote, &waves).await?;
+        let waiting = instantiate::not_ready(&remote, namespace, &waves).await?;
+        if !waiting.is_empty() {
+            tracing::info!(?waiting, "waiting for the app at the target");
+            return Ok(Action::requeue(POLL));
+        }
+        // Replication now flows from the target back to this site.
+        patch_pair_status(
+            &step.pairs(&remote),
+            pair_name,
+            json!({"phase": "Replicating"}),
+        )
+        .await?;
+        patch_pair_status(local_pairs, pair_name, json!({"phase": "Replicating"})).await?;
+        let rto = status.start_time.as_ref().map(seconds_since).unwrap_or(0.0);
+        let mut times = serde_json::to_value(&status.phase_times).unwrap_or(json!([]));
+        if let Some(list) = times.as_array_mut() {
+            list.push(json!({"phase": "Completed", "startTime": now()}));
+        }
+        let complete = T::Complete.condition(S::True, R::Succeeded, format!("{pair_name} runs at {target} from generation {generation}; {source} is scaled to zero"), migration.metadata.generation, now());
+        let progressing = T::Progressing.condition(
+            S::False,
+            R::Succeeded,
+            "done",
+            migration.metadata.generation,
+            now(),
+        );
+        step.api
                 .patch_status(
                     &migration.name_any(),
                     &PatchParams::default(),
                     &Patch::Merge(json!({"status": {"phase": "Completed", "phaseTimes": times, "completionTime": now(), "rtoSeconds": (rto * 1000.0).round() / 1000.0, "dataLossSeconds": 0.0, "conditions": [complete, progressing]}})),
                 )
                 .await?;
-            tracing::info!(migration = %migration.name_any(), rto, "migration completed");
-            Ok(Action::await_change())
-        }
-        P::Completed | P::Failed => Ok(Action::await_change()),
+        tracing::info!(migration = %migration.name_any(), rto, "migration completed");
+        Ok(Action::await_change())
     }
 }

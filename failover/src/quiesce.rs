@@ -12,8 +12,8 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use ferry_replicator::manifests::label_selector_query;
-use ferry_replicator::manifests::{ORIGINAL_REPLICAS_ANNOTATION, ORIGINAL_SUSPEND_ANNOTATION};
+use ferry_manifests::label_selector_query;
+use ferry_manifests::{ORIGINAL_REPLICAS_ANNOTATION, ORIGINAL_SUSPEND_ANNOTATION};
 
 /// The selector as a `labelSelector` query, or an error naming it.
 fn query(selector: &LabelSelector) -> Result<String, kube::Error> {

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ferry_replicator::cluster::status::PairStatus;
+use ferry_runtime::{Component, PairStatus};
 use ferry_schemas::conditions::{
     ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
 };
@@ -35,7 +35,7 @@ use ferry_schemas::proto::witness::{
     self as wire, HeartbeatRequest, PairReport, RegisterPairRequest, RenewLeaseRequest,
 };
 use ferry_schemas::{DRPair, Migration, MigrationSpec};
-use ferry_witness::client::QuorumClient;
+use ferry_witness_client::QuorumClient;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -100,7 +100,7 @@ impl PairLease {
 
 /// Runs the agent until the process ends.
 pub async fn run(ctx: Arc<Context>, quorum: Quorum) {
-    let status = PairStatus::new(ctx.client.clone(), &ctx.site);
+    let status = PairStatus::new(ctx.client.clone(), &ctx.site, Component::Controller);
     let mut leases: HashMap<String, PairLease> = HashMap::new();
     loop {
         if let Err(e) = tick(&ctx, &quorum, &status, &mut leases).await {
@@ -236,9 +236,13 @@ async fn tick(
             quiesce::quiesce(&ctx.client, &ns, &pair.spec.selector).await?;
         }
         if active != ctx.site || lease.registered.is_none() {
-            let _ = status
-                .patch(&ns, &pair.name_any(), json!({}), &conditions)
-                .await;
+            // Written again next round; a refusal now is logged.
+            if let Err(e) = status
+                .apply(&ns, &pair.name_any(), json!({}), &conditions)
+                .await
+            {
+                tracing::warn!(pair = %pair_key(pair), error = %e, "writing DRPair conditions");
+            }
             continue;
         }
         renew(ctx, quorum, status, pair, local_epoch, lease, conditions).await?;
@@ -341,7 +345,7 @@ async fn renew(
     let phase = pair.status.as_ref().and_then(|s| s.phase);
     if phase == Some(PairPhase::Migrating) {
         // The Migration owns the app; its pods start only while the Lease above is fresh.
-        status.patch(&ns, &name, json!({}), &conditions).await?;
+        status.apply(&ns, &name, json!({}), &conditions).await?;
         return Ok(());
     }
     // A controller that (re)starts without a lease holds none: the first renewal must succeed.
@@ -354,7 +358,7 @@ async fn renew(
             let message = format!("site {} could not renew its witness lease on {}: the app is scaled to zero here until the lease is held again", ctx.site, pair_key(pair));
             conditions.push((T::Ready, S::False, R::Fenced, message.clone()));
             status
-                .patch(&ns, &name, json!({"phase": "Fenced"}), &conditions)
+                .apply(&ns, &name, json!({"phase": "Fenced"}), &conditions)
                 .await?;
             status.event(pair, true, "Fenced", "Fence", message).await;
             tracing::warn!(pair = %pair_key(pair), "fenced: lease lost");
@@ -370,14 +374,14 @@ async fn renew(
         );
         conditions.push((T::Ready, S::True, R::Protected, message.clone()));
         status
-            .patch(&ns, &name, json!({"phase": "Replicating"}), &conditions)
+            .apply(&ns, &name, json!({"phase": "Replicating"}), &conditions)
             .await?;
         status
             .event(pair, false, "Unfenced", "Fence", message)
             .await;
         return Ok(());
     }
-    status.patch(&ns, &name, json!({}), &conditions).await?;
+    status.apply(&ns, &name, json!({}), &conditions).await?;
     Ok(())
 }
 
@@ -409,7 +413,7 @@ async fn demote(
         qs.epoch
     );
     status
-        .patch(
+        .apply(
             &ns,
             &pair.name_any(),
             json!({"epoch": qs.epoch, "activeSite": qs.active_site, "phase": "FailedOver"}),

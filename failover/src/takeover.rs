@@ -144,7 +144,10 @@ pub(crate) async fn reconcile(
             let epoch = status
                 .epoch
                 .map(|e| e.0)
-                .ok_or_else(|| ReconcileError("status.epoch missing in Promoting".into()))?;
+                .ok_or(ReconcileError::MissingStatus {
+                    field: "epoch",
+                    phase: "Promoting",
+                })?;
             // The old site's lease (plus the skew margin) must have ended: until then it may
             // still run the app.
             let wait =
@@ -163,16 +166,16 @@ pub(crate) async fn reconcile(
         }
         P::Instantiating => {
             let status = migration.status.clone().unwrap_or_default();
-            let generation = status
-                .generation
-                .map(|g| g.0)
-                .ok_or_else(|| ReconcileError("status.generation missing".into()))?;
-            let waves = instantiate::plan(&ctx.client, pair, &step.namespace, generation)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
-            instantiate::apply(&ctx.client, &waves)
-                .await
-                .map_err(|e| ReconcileError(e.to_string()))?;
+            let generation =
+                status
+                    .generation
+                    .map(|g| g.0)
+                    .ok_or(ReconcileError::MissingStatus {
+                        field: "generation",
+                        phase: "Instantiating",
+                    })?;
+            let waves = instantiate::plan(&ctx.client, pair, &step.namespace, generation).await?;
+            instantiate::apply(&ctx.client, &waves).await?;
             let waiting = instantiate::not_ready(&ctx.client, &step.namespace, &waves).await?;
             if !waiting.is_empty() {
                 tracing::info!(?waiting, "waiting for the app after failover");
@@ -249,16 +252,12 @@ pub(crate) async fn propose_migration(
     match quorum.client.propose_migration(request).await {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Code::FailedPrecondition => {
-            let state = quorum
-                .client
-                .get_state()
-                .await
-                .map_err(|e| ReconcileError(e.message().to_string()))?;
+            let state = quorum.client.get_state().await?;
             match state.pairs.iter().find(|p| p.pair == pair) {
                 Some(p) if p.epoch >= epoch && p.active_site == target => Ok(()),
-                _ => Err(ReconcileError(e.message().to_string())),
+                _ => Err(e.into()),
             }
         }
-        Err(e) => Err(ReconcileError(e.message().to_string())),
+        Err(e) => Err(e.into()),
     }
 }

@@ -3,9 +3,10 @@
 //! the destination.
 //!
 //! Objects are full API objects as `serde_json::Value` (`apiVersion`, `kind`, `metadata`,
-//! ...), so custom resources travel as faithfully as built-in kinds. This module reads the
-//! source cluster (capture only) and never writes to a cluster: applying the waves is the
-//! failover crate's job (`failover/src/instantiate/`).
+//! ...), so custom resources travel as faithfully as built-in kinds. The crate reads the
+//! source cluster ([`capture()`]) and writes one object at a time ([`apply_object()`]); the
+//! pipeline between is pure. Its users: the replicator (capture at the source, a warm
+//! standby at the destination) and the failover controller (migration and failover).
 //!
 //! # Flow
 //!
@@ -24,11 +25,13 @@
 //! `standby: Applied` after each commit):
 //!
 //! 4. [`ManifestBundle::from_json_bytes`].
-//! 5. [`transform()`] with the DRPair's `spec.transform`: labels, replicas, storage classes,
-//!    JSON patches; then [`standby()`] for a warm standby (workloads at zero replicas, the
-//!    count kept in [`ORIGINAL_REPLICAS_ANNOTATION`]).
-//! 6. [`instantiation_order()`]: waves to create one after the other, namespaces and
-//!    CRDs first, workloads last.
+//! 5. [`plan_instantiation()`], the one pipeline for every instantiation: [`transform()`]
+//!    with the DRPair's `spec.transform` (labels, replicas, storage classes, JSON patches);
+//!    then [`standby()`] for a warm standby (workloads at zero replicas, the count kept in
+//!    [`ORIGINAL_REPLICAS_ANNOTATION`]) or PVCs pointed at the generation's snapshots to run
+//!    the app; then [`instantiation_order()`]: waves to create one after the other,
+//!    namespaces and CRDs first, workloads last.
+//! 6. [`apply_object()`] each object, wave by wave (server-side apply).
 //!
 //! Invariant: every stage keeps the set of objects (capture decides it once); only their
 //! content and order change.
@@ -37,6 +40,7 @@ mod apply;
 mod capture;
 mod object;
 mod order;
+mod plan;
 mod sanitise;
 mod transform;
 
@@ -50,6 +54,7 @@ pub use capture::{
 };
 pub use object::ObjectKey;
 pub use order::{instantiation_order, Wave};
+pub use plan::{plan_instantiation, Instantiation};
 pub use sanitise::{
     sanitise, DROPPED_ANNOTATIONS, DROPPED_PVC_ANNOTATIONS, JOB_CONTROLLER_UID_LABELS,
     SERVER_METADATA_FIELDS,

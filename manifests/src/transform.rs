@@ -11,15 +11,7 @@ use super::object::{
     ObjectKey,
 };
 
-/// Annotation holding a workload's replica count while it is scaled to zero by Ferry: set
-/// when the source is quiesced (for a migration) and by [`standby`]; read and removed by
-/// [`transform`] under [`ReplicaPolicy::Restore`]. The value is a decimal `i32` ≥ 0, e.g. `"3"`.
-pub const ORIGINAL_REPLICAS_ANNOTATION: &str = "ferry.dev/original-replicas";
-
-/// Annotation holding a Job's or CronJob's `spec.suspend` (`"true"` or `"false"`) while Ferry
-/// keeps it suspended; the counterpart of [`ORIGINAL_REPLICAS_ANNOTATION`] for kinds that are
-/// suspended rather than scaled.
-pub const ORIGINAL_SUSPEND_ANNOTATION: &str = "ferry.dev/original-suspend";
+pub use ferry_schemas::contract::{ORIGINAL_REPLICAS_ANNOTATION, ORIGINAL_SUSPEND_ANNOTATION};
 
 /// Errors rewriting manifests. Each names the object or patch at fault.
 #[derive(Debug, thiserror::Error)]

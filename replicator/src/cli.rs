@@ -112,8 +112,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             println!("listening on {}", listener.local_addr()?);
-            crate::transport::serve_replication(listener, &tls, destination, shutdown_signal())
-                .await?;
+            crate::transport::serve_replication(
+                listener,
+                &tls,
+                destination,
+                ferry_runtime::shutdown_signal(),
+            )
+            .await?;
             Ok(())
         }
         Command::Mover {
@@ -124,17 +129,5 @@ async fn run(command: Command) -> anyhow::Result<()> {
             crate::mover::attach_and_serve(&attach, &token, root).await?;
             Ok(())
         }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

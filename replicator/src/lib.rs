@@ -8,14 +8,13 @@
 //!
 //! Modules: [`delta`] (the engine), [`mover`] (the processes holding volume bytes),
 //! [`source`] (schedule and ship), [`destination`] (stage, verify, commit), [`transport`] and
-//! [`tls`] (gRPC over mutual TLS), [`manifests`] (capture, sanitise, transform), [`cluster`]
-//! (everything Kubernetes-specific), [`site`] and [`cli`] (the binary).
+//! [`tls`] (gRPC over mutual TLS), [`cluster`] (everything Kubernetes-specific, manifests
+//! through the `ferry-manifests` crate), [`site`] and [`cli`] (the binary).
 
 pub mod cli;
 pub mod cluster;
 pub mod delta;
 pub mod destination;
-pub mod manifests;
 pub mod metrics;
 pub mod mover;
 pub mod site;

@@ -9,6 +9,7 @@
 //! | `ferry_blocks_scanned_total` | counter | namespace, pair | blocks |
 //! | `ferry_rpo_violations_total` | counter | namespace, pair | violations |
 //! | `ferry_chunks_rejected_total` | counter | namespace, pair, reason | chunks |
+//! | `ferry_status_write_failures_total` | counter | namespace, pair | writes |
 //!
 //! [`Metrics`] owns the registry and offers typed helpers; [`serve`] (or [`serve_listener`])
 //! exposes `GET /metrics` and `GET /healthz` over HTTP with axum.
@@ -87,6 +88,7 @@ pub struct Metrics {
     blocks_scanned: Family<PairLabels, Counter>,
     rpo_violations: Family<PairLabels, Counter>,
     chunks_rejected: Family<RejectLabels, Counter>,
+    status_write_failures: Family<PairLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,7 +110,7 @@ impl Metrics {
     /// when encoded, OpenMetrics "Metric types"): `ferry_replication_lag_seconds`,
     /// `ferry_sync_duration_seconds`, `ferry_bytes_shipped_total`,
     /// `ferry_blocks_scanned_total`, `ferry_rpo_violations_total`,
-    /// `ferry_chunks_rejected_total`.
+    /// `ferry_chunks_rejected_total`, `ferry_status_write_failures_total`.
     pub fn with_registry(mut registry: Registry) -> Self {
         let lag_seconds = Family::<PairLabels, Gauge<f64, AtomicU64>>::default();
         let sync_duration_seconds = SyncHistograms::new_with_constructor(sync_histogram);
@@ -116,6 +118,7 @@ impl Metrics {
         let blocks_scanned = Family::<PairLabels, Counter>::default();
         let rpo_violations = Family::<PairLabels, Counter>::default();
         let chunks_rejected = Family::<RejectLabels, Counter>::default();
+        let status_write_failures = Family::<PairLabels, Counter>::default();
         registry.register_with_unit(
             "ferry_replication_lag",
             "Age of the newest generation committed at the destination, in seconds",
@@ -148,6 +151,11 @@ impl Metrics {
             "Chunks the destination rejected, by reason",
             chunks_rejected.clone(),
         );
+        registry.register(
+            "ferry_status_write_failures",
+            "DRPair status writes the API server refused or did not answer (retried)",
+            status_write_failures.clone(),
+        );
         Self {
             registry,
             lag_seconds,
@@ -156,6 +164,7 @@ impl Metrics {
             blocks_scanned,
             rpo_violations,
             chunks_rejected,
+            status_write_failures,
         }
     }
 
@@ -192,6 +201,11 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts one failed DRPair status write of `pair` in `ferry_status_write_failures_total`.
+    pub fn status_write_failed(&self, pair: &PairLabels) {
+        self.status_write_failures.get_or_create(pair).inc();
     }
 
     /// The registry the metrics are registered in.

@@ -11,12 +11,12 @@ use anyhow::Context;
 use crate::cluster::movers::MoverPods;
 use crate::cluster::pairs::{self, SiteContext, SiteObserver};
 use crate::cluster::replicas::KubeReplicas;
-use crate::cluster::status::PairStatus;
 use crate::delta::HashStore;
 use crate::destination::{Destination, Journal};
 use crate::metrics::Metrics;
 use crate::mover::MoverHub;
 use crate::tls::TlsMaterial;
+use ferry_runtime::{Component, PairStatus};
 
 /// Arguments of `serve`.
 #[derive(Debug, clap::Args)]
@@ -80,7 +80,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let journal = Journal::open(&args.state_dir.join("journal"))?;
     let hashes = HashStore::open(args.state_dir.join("hashes"))?;
-    let status = PairStatus::new(client.clone(), &args.site);
+    let status = PairStatus::new(client.clone(), &args.site, Component::Replicator);
     let destination = Destination::new(
         journal,
         Arc::new(KubeReplicas::new(client.clone(), movers.clone())),
@@ -112,7 +112,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         status,
         metrics: metrics.clone(),
     };
-    let shutdown = crate::cli::shutdown_signal();
+    let shutdown = ferry_runtime::shutdown_signal();
     tokio::select! {
         r = crate::transport::serve_replication(replication, &tls, destination, std::future::pending()) => r.context("replication server")?,
         r = crate::transport::serve_movers(mover_listener, hub, std::future::pending()) => r.context("mover server")?,

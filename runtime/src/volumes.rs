@@ -1,6 +1,7 @@
-//! PVCs and CSI VolumeSnapshots (snapshot.storage.k8s.io/v1), the way a replicator uses them:
-//! snapshot a PVC, wait until the snapshot is ready to use, restore a PVC from it
-//! (`dataSource`), and delete what a job created.
+//! PVCs and CSI VolumeSnapshots (snapshot.storage.k8s.io/v1, the CSI snapshot API), the way
+//! Ferry uses them: snapshot a PVC (a replica, a source capture, a seed), wait until the
+//! snapshot is ready to use, restore a PVC from it (`dataSource`), and delete what a job
+//! created.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,7 +14,16 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
 use serde_json::json;
 
-use crate::destination::ReplicaError;
+/// A volume operation that failed; the message names the object.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// An API call failed, or the snapshotter reported an error.
+    #[error("{0}")]
+    Kube(String),
+    /// A step did not finish within [`VOLUME_TIMEOUT`].
+    #[error("timed out {0}")]
+    Timeout(String),
+}
 
 /// How long a VolumeSnapshot may take to become ready, or a PVC to go away.
 pub const VOLUME_TIMEOUT: Duration = Duration::from_secs(300);
@@ -30,8 +40,8 @@ fn snapshots(client: &Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &snapshot_resource())
 }
 
-fn kube_error(what: String) -> impl FnOnce(kube::Error) -> ReplicaError {
-    move |e| ReplicaError::Kube(format!("{what}: {e}"))
+fn kube_error(what: String) -> impl FnOnce(kube::Error) -> VolumeError {
+    move |e| VolumeError::Kube(format!("{what}: {e}"))
 }
 
 /// What a restored PVC copies from the original: mode, class and size.
@@ -65,8 +75,8 @@ impl ClaimShape {
 /// ready to use.
 ///
 /// # Errors
-/// [`ReplicaError::Kube`] naming the snapshot and the error the snapshotter reported;
-/// [`ReplicaError::Timeout`].
+/// [`VolumeError::Kube`] naming the snapshot and the error the snapshotter reported;
+/// [`VolumeError::Timeout`].
 pub async fn snapshot_claim(
     client: &Client,
     namespace: &str,
@@ -74,7 +84,7 @@ pub async fn snapshot_claim(
     claim: &str,
     labels: &BTreeMap<String, String>,
     annotations: &BTreeMap<String, String>,
-) -> Result<(), ReplicaError> {
+) -> Result<(), VolumeError> {
     let api = snapshots(client, namespace);
     let object: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "snapshot.storage.k8s.io/v1",
@@ -82,7 +92,7 @@ pub async fn snapshot_claim(
         "metadata": {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations},
         "spec": {"source": {"persistentVolumeClaimName": claim}},
     }))
-    .map_err(|e| ReplicaError::Kube(format!("building VolumeSnapshot {name}: {e}")))?;
+    .map_err(|e| VolumeError::Kube(format!("building VolumeSnapshot {name}: {e}")))?;
     match api.create(&PostParams::default(), &object).await {
         Ok(_) => {}
         // A retry of the same job: the snapshot is already there.
@@ -102,12 +112,12 @@ pub async fn snapshot_claim(
     let done = tokio::time::timeout(VOLUME_TIMEOUT, await_condition(api, name, ready))
         .await
         .map_err(|_| {
-            ReplicaError::Timeout(format!(
+            VolumeError::Timeout(format!(
                 "for VolumeSnapshot {namespace}/{name} to become ready"
             ))
         })?
         .map_err(|e| {
-            ReplicaError::Kube(format!("watching VolumeSnapshot {namespace}/{name}: {e}"))
+            VolumeError::Kube(format!("watching VolumeSnapshot {namespace}/{name}: {e}"))
         })?;
     let status = done
         .as_ref()
@@ -117,7 +127,7 @@ pub async fn snapshot_claim(
     if status["readyToUse"] == true {
         Ok(())
     } else {
-        Err(ReplicaError::Kube(format!(
+        Err(VolumeError::Kube(format!(
             "VolumeSnapshot {namespace}/{name} of PVC {claim} failed: {}",
             status["error"]["message"].as_str().unwrap_or("no message")
         )))
@@ -128,7 +138,7 @@ pub async fn snapshot_claim(
 /// empty), labelled with `labels`.
 ///
 /// # Errors
-/// [`ReplicaError::Kube`] naming the claim.
+/// [`VolumeError::Kube`] naming the claim.
 pub async fn create_claim(
     client: &Client,
     namespace: &str,
@@ -136,7 +146,7 @@ pub async fn create_claim(
     shape: &ClaimShape,
     from: Option<&str>,
     labels: &BTreeMap<String, String>,
-) -> Result<(), ReplicaError> {
+) -> Result<(), VolumeError> {
     let mut spec = json!({
         "accessModes": ["ReadWriteOnce"],
         "volumeMode": if shape.block { "Block" } else { "Filesystem" },
@@ -156,7 +166,7 @@ pub async fn create_claim(
         "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": spec,
     }))
-    .map_err(|e| ReplicaError::Kube(format!("building PVC {name}: {e}")))?;
+    .map_err(|e| VolumeError::Kube(format!("building PVC {name}: {e}")))?;
     Api::<PersistentVolumeClaim>::namespaced(client.clone(), namespace)
         .create(&PostParams::default(), &pvc)
         .await
@@ -167,12 +177,8 @@ pub async fn create_claim(
 /// Deletes PVC `name` (if present) and waits until it is gone.
 ///
 /// # Errors
-/// [`ReplicaError::Kube`] or [`ReplicaError::Timeout`], naming the claim.
-pub async fn delete_claim(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-) -> Result<(), ReplicaError> {
+/// [`VolumeError::Kube`] or [`VolumeError::Timeout`], naming the claim.
+pub async fn delete_claim(client: &Client, namespace: &str, name: &str) -> Result<(), VolumeError> {
     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let Some(existing) = api
         .get_opt(name)
@@ -192,20 +198,20 @@ pub async fn delete_claim(
         await_condition(api, name, conditions::is_deleted(&uid)),
     )
     .await
-    .map_err(|_| ReplicaError::Timeout(format!("for PVC {namespace}/{name} to be deleted")))?
-    .map_err(|e| ReplicaError::Kube(format!("watching PVC {namespace}/{name}: {e}")))?;
+    .map_err(|_| VolumeError::Timeout(format!("for PVC {namespace}/{name} to be deleted")))?
+    .map_err(|e| VolumeError::Kube(format!("watching PVC {namespace}/{name}: {e}")))?;
     Ok(())
 }
 
 /// Deletes VolumeSnapshot `name` if present.
 ///
 /// # Errors
-/// [`ReplicaError::Kube`].
+/// [`VolumeError::Kube`].
 pub async fn delete_snapshot(
     client: &Client,
     namespace: &str,
     name: &str,
-) -> Result<(), ReplicaError> {
+) -> Result<(), VolumeError> {
     match snapshots(client, namespace)
         .delete(name, &DeleteParams::default())
         .await
@@ -221,12 +227,12 @@ pub async fn delete_snapshot(
 /// Names and labels of the VolumeSnapshots matching `selector` in `namespace`.
 ///
 /// # Errors
-/// [`ReplicaError::Kube`].
+/// [`VolumeError::Kube`].
 pub async fn list_snapshots(
     client: &Client,
     namespace: &str,
     selector: &str,
-) -> Result<Vec<(String, BTreeMap<String, String>)>, ReplicaError> {
+) -> Result<Vec<(String, BTreeMap<String, String>)>, VolumeError> {
     let list = snapshots(client, namespace)
         .list(&ListParams::default().labels(selector))
         .await

@@ -271,7 +271,8 @@ mod tests {
                 "RPOMet",
                 "Ready",
                 "FailoverBlocked",
-                "WitnessQuorumLost"
+                "WitnessQuorumLost",
+                "StandbyApplied"
             ]
         );
         assert_eq!(

@@ -11,6 +11,8 @@
 //!   types and reasons) and newtypes for identifiers ([`Epoch`], [`Generation`]);
 //! - [`crd`]: the CustomResourceDefinitions and their YAML, which the `crdgen`
 //!   binary writes to `deploy/helm/ferry/crds/` (`cargo run -p ferry-schemas --bin crdgen`);
+//! - [`contract`]: the object names, labels and annotations the components (and users) find
+//!   each other's objects by;
 //! - [`validation`]: the rules the schema cannot express; it turns a wire spec
 //!   into a `Valid*` value where durations are [`std::time::Duration`]s,
 //!   parsed once here from strings like `30s` ([`duration`]).
@@ -29,6 +31,7 @@
 mod wire_enum;
 
 pub mod conditions;
+pub mod contract;
 pub mod crd;
 pub mod drpair;
 pub mod duration;

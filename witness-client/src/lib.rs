@@ -1,4 +1,6 @@
-//! The client a site's failover controller uses to talk to the witness quorum.
+//! The client a site's failover controller uses to talk to the witness quorum (the `Witness`
+//! gRPC service in `ferry_schemas::proto::witness`, over mutual TLS), without the quorum's
+//! server side (raft, sled).
 //!
 //! Heartbeats go to every witness at once (each keeps its own soft state, and the detector
 //! counts witnesses); everything else goes to one witness, which proposes it through raft, and
@@ -14,13 +16,38 @@ use ferry_schemas::proto::witness::{
     ProposeMigrationRequest, RegisterPairRequest, RenewLeaseRequest, RequestFailoverRequest,
     StateReply, WatchRequest,
 };
-use ferry_tls::TlsMaterial;
+use std::time::Duration;
+
+use ferry_tls::{client_tls_config, TlsMaterial};
 use futures::future::join_all;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
-use crate::node::QUORUM_TIMEOUT;
-use crate::transport::channel;
+/// How long a witness waits for a proposal or read to commit before it answers "no witness
+/// quorum" (`UNAVAILABLE`); the witness server uses this value.
+pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A gRPC channel to a witness at `host:port` over mutual TLS, checking that the peer's
+/// certificate names `host`. Connects lazily; a call times out after `timeout`.
+///
+/// # Errors
+/// `Status::invalid_argument` for a malformed address or TLS material.
+pub fn channel(address: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Channel, Status> {
+    let host = address
+        .rsplit_once(':')
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!("witness address {address:?}: want host:port"))
+        })?;
+    let ep = Endpoint::from_shared(format!("https://{address}"))
+        .map_err(|e| Status::invalid_argument(format!("witness address {address:?}: {e}")))?
+        .tls_config(client_tls_config(tls, host))
+        .map_err(|e| Status::invalid_argument(format!("witness TLS material: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(timeout);
+    Ok(ep.connect_lazy())
+}
 
 /// A call to one witness gives up after this: longer than the witness's own commit timeout, so
 /// its "no witness quorum" answer arrives rather than a cancellation.

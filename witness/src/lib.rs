@@ -6,12 +6,12 @@
 //! loop), [`state`] (the replicated state machine), [`rule`] (when a pair may fail over),
 //! [`detector`] (heartbeats to suspicion and decisions), [`transport`] (raft messages between
 //! witnesses), [`service`] (the `Witness` gRPC API), [`server`] (runs it all), [`client`]
-//! (what site controllers use), [`cli`] (the `ferry-witness` command line). Consensus follows
+//! (what site controllers use; the `ferry-witness-client` crate), [`cli`] (the `ferry-witness` command line). Consensus follows
 //! the Raft paper (Ongaro and Ousterhout, 2014) as implemented by raft-rs; the lease and
 //! fencing argument is in `docs/failover.md`.
 
 pub mod cli;
-pub mod client;
+pub use ferry_witness_client as client;
 pub mod detector;
 pub mod logger;
 pub mod node;

@@ -137,8 +137,9 @@ pub(crate) enum Input {
     SnapshotDone(u64, bool),
 }
 
-/// How long a proposal or read waits before it is answered with [`QuorumError::Timeout`].
-pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a proposal or read waits before it is answered with [`QuorumError::Timeout`]
+/// (defined with the client, which waits longer).
+pub use ferry_witness_client::QUORUM_TIMEOUT;
 
 /// A proposal's raft entry payload: who proposed it (to answer them) and what.
 #[derive(Serialize, Deserialize)]

@@ -14,11 +14,11 @@ use ferry_schemas::proto::witness::raft_peer_server::RaftPeer;
 use ferry_schemas::proto::witness::{
     ChangeMembershipRequest, Member, MembershipReply, StepReply, StepRequest,
 };
-use ferry_tls::{client_tls_config, TlsMaterial};
+use ferry_tls::TlsMaterial;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::node::{Input, NodeHandle, QuorumError};
@@ -28,27 +28,7 @@ const BATCH: usize = 256;
 /// A `Step` call that takes longer counts as a failed send.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A gRPC channel to a witness at `host:port` over mutual TLS, checking that the peer's
-/// certificate names `host`. Connects lazily; a call times out after `timeout`.
-///
-/// # Errors
-/// `Status::invalid_argument` for a malformed address or TLS material.
-pub fn channel(address: &str, tls: &TlsMaterial, timeout: Duration) -> Result<Channel, Status> {
-    let host = address
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| {
-            Status::invalid_argument(format!("witness address {address:?}: want host:port"))
-        })?;
-    let ep = Endpoint::from_shared(format!("https://{address}"))
-        .map_err(|e| Status::invalid_argument(format!("witness address {address:?}: {e}")))?
-        .tls_config(client_tls_config(tls, host))
-        .map_err(|e| Status::invalid_argument(format!("witness TLS material: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout);
-    Ok(ep.connect_lazy())
-}
+pub use ferry_witness_client::channel;
 
 /// Routes the node's outbound messages to per-peer sender tasks until `outbox` closes.
 pub async fn route(

@@ -82,7 +82,7 @@ pub fn deploy_objects() -> Result<Vec<Value>> {
 /// # Errors
 /// When the kind is not served or the apply is refused.
 pub async fn apply(client: &Client, object: &Value) -> Result<()> {
-    Ok(ferry_replicator::manifests::apply_object(client, object, MANAGER).await?)
+    Ok(ferry_manifests::apply_object(client, object, MANAGER).await?)
 }
 
 /// Where a holder of lab TLS material keeps it, and the names its certificate must carry.

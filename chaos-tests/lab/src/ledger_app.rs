@@ -112,7 +112,7 @@ pub fn objects(protection: &Protection) -> Vec<Value> {
 /// When an object is refused, or the app or the generation does not come within `timeout`.
 pub async fn deploy(a: &Client, protection: &Protection, timeout: Duration) -> Result<()> {
     for object in objects(protection) {
-        ferry_replicator::manifests::apply_object(a, &object, "ferry-lab")
+        ferry_manifests::apply_object(a, &object, "ferry-lab")
             .await
             .with_context(|| format!("applying {}", object["kind"]))?;
     }
@@ -137,7 +137,7 @@ pub async fn deploy(a: &Client, protection: &Protection, timeout: Duration) -> R
 /// When the annotation cannot be set or the generation is not committed within `timeout`.
 pub async fn sync_now(client: &Client, token: &str, timeout: Duration) -> Result<()> {
     let pairs: Api<DRPair> = Api::namespaced(client.clone(), NAMESPACE);
-    let patch = json!({"metadata": {"annotations": {ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION: token}}});
+    let patch = json!({"metadata": {"annotations": {ferry_schemas::contract::SYNC_REQUEST_ANNOTATION: token}}});
     pairs
         .patch(PAIR, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -169,7 +169,7 @@ pub struct ReplicaCopy {
 /// # Errors
 /// When the snapshot or its content is missing or not ready.
 pub async fn replica_copy(client: &Client, generation: u64) -> Result<ReplicaCopy> {
-    use ferry_replicator::cluster::replicas::{generation_snapshot, DIGEST_ANNOTATION};
+    use ferry_schemas::contract::{generation_snapshot, DIGEST_ANNOTATION};
     use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
     let gvk = |kind| GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind);
     let name = generation_snapshot(PAIR, "ledger-data", generation);

@@ -23,5 +23,6 @@ pub mod links;
 pub mod node;
 pub mod site;
 pub mod sites;
+pub mod testing;
 pub mod wait;
 pub mod witnesses;

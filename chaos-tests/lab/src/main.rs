@@ -251,7 +251,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::WitnessServe { dir, id } => {
             tokio::runtime::Runtime::new()?.block_on(witnesses::serve(&dir, id))
         }
-        Cmd::Down { dir } => down(&dir),
+        Cmd::Down { dir } => sites::down(&dir),
         Cmd::Status { dir } => status(&dir),
         Cmd::Site { action, name, dir } => match action.as_str() {
             "kill" => {
@@ -418,35 +418,6 @@ fn up(
     if let Some(options) = install {
         let runtime = tokio::runtime::Runtime::new()?;
         runtime.block_on(ferry_lab::install::install(&dir, names, options))?;
-    }
-    Ok(())
-}
-
-fn down(dir: &Path) -> Result<()> {
-    for name in sites::list_sites(dir) {
-        match sites::signal_site(dir, &name, "TERM") {
-            Ok(pid) => {
-                if sites::wait_gone(pid, Duration::from_secs(10)).is_err() {
-                    sites::signal_site(dir, &name, "KILL")?;
-                    sites::wait_gone(pid, Duration::from_secs(10))?;
-                }
-                println!("site {name}: stopped");
-            }
-            Err(_) => println!("site {name}: not running"),
-        }
-    }
-    for id in witnesses::list_witnesses(dir) {
-        if witnesses::WitnessLayout::in_lab(dir, id)
-            .running_pid()
-            .is_none()
-        {
-            println!("witness {id}: not running");
-            continue;
-        }
-        if witnesses::signal(dir, id, "TERM").is_err() {
-            witnesses::signal(dir, id, "KILL")?;
-        }
-        println!("witness {id}: stopped");
     }
     Ok(())
 }

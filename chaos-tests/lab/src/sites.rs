@@ -348,3 +348,37 @@ pub fn list_sites(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Stops every site (SIGTERM, then SIGKILL after 10 s) and witness of the lab in `dir`,
+/// saying what it stopped on stdout (`ferry-lab down`).
+///
+/// # Errors
+/// When a process cannot be signalled or outlives its SIGKILL by 10 s.
+pub fn down(dir: &Path) -> Result<()> {
+    for name in list_sites(dir) {
+        match signal_site(dir, &name, "TERM") {
+            Ok(pid) => {
+                if wait_gone(pid, Duration::from_secs(10)).is_err() {
+                    signal_site(dir, &name, "KILL")?;
+                    wait_gone(pid, Duration::from_secs(10))?;
+                }
+                println!("site {name}: stopped");
+            }
+            Err(_) => println!("site {name}: not running"),
+        }
+    }
+    for id in crate::witnesses::list_witnesses(dir) {
+        if crate::witnesses::WitnessLayout::in_lab(dir, id)
+            .running_pid()
+            .is_none()
+        {
+            println!("witness {id}: not running");
+            continue;
+        }
+        if crate::witnesses::signal(dir, id, "TERM").is_err() {
+            crate::witnesses::signal(dir, id, "KILL")?;
+        }
+        println!("witness {id}: stopped");
+    }
+    Ok(())
+}

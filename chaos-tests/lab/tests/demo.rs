@@ -15,12 +15,15 @@ async fn demo_replicates_and_migrates_with_zero_data_loss() {
 
 /// The same demo, report and checks on a real Kubernetes control plane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_kube_kit,
+    ignore = "the Kubernetes control-plane kit is missing (FERRY_LAB_KUBE_BIN and etcd; .ci/run provides both)"
+)]
 async fn demo_on_the_kubernetes_control_plane() {
-    if let Some(settings) =
-        ferry_lab::control_plane::kubernetes_for_test("demo_on_the_kubernetes_control_plane")
-    {
-        demo_on(settings).await
-    }
+    demo_on(ferry_lab::control_plane::kubernetes_for_test(
+        "demo_on_the_kubernetes_control_plane",
+    ))
+    .await
 }
 
 async fn demo_on(settings: ferry_lab::control_plane::LabSettings) {

@@ -28,11 +28,10 @@ async fn hooks_run_in_the_pod_around_the_snapshots_and_a_failing_one_fails_the_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "pods/exec on the real control plane needs the kubelet's exec endpoint, which the lab node does not serve (docs/lab.md)"]
 async fn hooks_run_in_the_pod_around_the_snapshots_on_kubernetes() {
-    if let Some(settings) =
-        kubernetes_for_test("hooks_run_in_the_pod_around_the_snapshots_on_kubernetes")
-    {
-        hooks_around_the_snapshots(settings).await
-    }
+    hooks_around_the_snapshots(kubernetes_for_test(
+        "hooks_run_in_the_pod_around_the_snapshots_on_kubernetes",
+    ))
+    .await
 }
 
 async fn hooks_around_the_snapshots(settings: LabSettings) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ferry_lab::node::catalog::Catalog;
 use ferry_lab::node::timeline::{self, TimelineEvent};
 use ferry_lab::site::{client_from, SiteRuntime};
+use ferry_lab::testing::eventually;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, AttachParams, ListParams, Patch, PatchParams, PostParams};
@@ -21,26 +22,6 @@ const T: Duration = Duration::from_secs(30);
 
 fn ferry_lab_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ferry-lab"))
-}
-
-/// Polls `f` every 50 ms until it returns `Ok`, or panics after `T` with the last state.
-async fn eventually<V, F, Fut>(what: &str, mut f: F) -> V
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<V, String>>,
-{
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(s) => s,
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last state: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn sqlite_writer(args: &[&str], data: &std::path::Path) -> (bool, String) {
@@ -149,8 +130,8 @@ async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
             }
         }
     };
-    let (pod_name, pid) = eventually("the writer pod running", || running_pid(0)).await;
-    eventually("deployment readyReplicas 1", || async {
+    let (pod_name, pid) = eventually("the writer pod running", T, || running_pid(0)).await;
+    eventually("deployment readyReplicas 1", T, || async {
         let d = deploys.get("ledger").await.map_err(|e| e.to_string())?;
         let s = d.status.clone().unwrap_or_default();
         if s.ready_replicas == Some(1) && s.observed_generation == d.metadata.generation {
@@ -178,7 +159,7 @@ async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
             }
         }
     };
-    let before_kill = eventually("transactions committed", || committed(20)).await;
+    let before_kill = eventually("transactions committed", T, || committed(20)).await;
 
     // SIGKILL the container: the kubelet restarts it and the ledger stays intact.
     assert!(Command::new("kill")
@@ -186,9 +167,9 @@ async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
         .status()
         .unwrap()
         .success());
-    let (_, new_pid) = eventually("the writer restarted", || running_pid(1)).await;
+    let (_, new_pid) = eventually("the writer restarted", T, || running_pid(1)).await;
     assert_ne!(pid, new_pid);
-    eventually("commits continue after the restart", || {
+    eventually("commits continue after the restart", T, || {
         committed(before_kill + 20)
     })
     .await;
@@ -204,7 +185,7 @@ async fn sqlite_writer_runs_restarts_verifies_and_scales_to_zero() {
         )
         .await
         .unwrap();
-    eventually("no pods left", || async {
+    eventually("no pods left", T, || async {
         let list = pods
             .list(&ListParams::default().labels("app=ledger"))
             .await
@@ -269,17 +250,16 @@ fn psql(port: u16, sql: &str) -> Result<String, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_postgres,
+    ignore = "PostgreSQL (server binaries, psql, pgbench) not found (.ci/install-test-deps.sh installs it)"
+)]
 async fn postgres_runs_as_a_non_root_pod_on_its_pvc() {
-    if ferry_lab::images::postgres_bin_dir().is_none()
-        || Command::new("psql").arg("--version").output().is_err()
-    {
-        assert!(
-            std::env::var("CI").is_err(),
-            "PostgreSQL is required under CI; .ci/install-test-deps.sh installs it"
-        );
-        eprintln!("skipped: PostgreSQL server binaries or psql not found");
-        return;
-    }
+    assert!(
+        ferry_lab::images::postgres_bin_dir().is_some()
+            && Command::new("psql").arg("--version").output().is_ok(),
+        "PostgreSQL server binaries or psql not found (.ci/install-test-deps.sh installs them)"
+    );
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -306,7 +286,7 @@ async fn postgres_runs_as_a_non_root_pod_on_its_pvc() {
         })).unwrap())
         .await
         .unwrap();
-    eventually("postgres accepting queries", || async {
+    eventually("postgres accepting queries", T, || async {
         psql(port, "select 1")
     })
     .await;
@@ -335,7 +315,7 @@ async fn postgres_runs_as_a_non_root_pod_on_its_pvc() {
         )
         .await
         .unwrap();
-    eventually("postgres stopped", || async {
+    eventually("postgres stopped", T, || async {
         match psql(port, "select 1") {
             Err(_) if !volume.join("pgdata/postmaster.pid").exists() => Ok(()),
             other => Err(format!("still answering or pid file present: {other:?}")),
@@ -437,7 +417,7 @@ async fn every_container_runs_and_probes_gate_readiness_and_restart() {
     pods.create(&PostParams::default(), &pod).await.unwrap();
 
     // Both run; the app is not ready until its readiness probe passes, the helper is.
-    let first = eventually("both containers running, app not ready", || async {
+    let first = eventually("both containers running, app not ready", T, || async {
         let pod = pods.get("web").await.map_err(|e| e.to_string())?;
         let c = containers(&pod)?;
         match (c.get("app"), c.get("helper")) {
@@ -474,20 +454,24 @@ async fn every_container_runs_and_probes_gate_readiness_and_restart() {
     exec(&pods, "web", Some("app"), "touch \"$SHARED/go\"")
         .await
         .unwrap();
-    eventually("the pod Ready once the readiness probe passes", || async {
-        let pod = pods.get("web").await.map_err(|e| e.to_string())?;
-        let c = containers(&pod)?;
-        (pod_ready(&pod) && c["app"].1)
-            .then_some(())
-            .ok_or(format!("{c:?}"))
-    })
+    eventually(
+        "the pod Ready once the readiness probe passes",
+        T,
+        || async {
+            let pod = pods.get("web").await.map_err(|e| e.to_string())?;
+            let c = containers(&pod)?;
+            (pod_ready(&pod) && c["app"].1)
+                .then_some(())
+                .ok_or(format!("{c:?}"))
+        },
+    )
     .await;
 
     // The helper's liveness probe fails once (it consumes the marker): it alone is restarted.
     exec(&pods, "web", Some("app"), "touch \"$SHARED/kill-helper\"")
         .await
         .unwrap();
-    let restarted = eventually("the helper restarted by its liveness probe", || async {
+    let restarted = eventually("the helper restarted by its liveness probe", T, || async {
         let pod = pods.get("web").await.map_err(|e| e.to_string())?;
         let c = containers(&pod)?;
         (c["helper"].2 >= 1)
@@ -503,13 +487,13 @@ async fn every_container_runs_and_probes_gate_readiness_and_restart() {
     );
 
     // Deleting the pod stops both processes, and the timeline has each container's starts.
-    let last = eventually("both containers running again", || async {
+    let last = eventually("both containers running again", T, || async {
         containers(&pods.get("web").await.map_err(|e| e.to_string())?)
     })
     .await;
     let pids: Vec<u32> = last.values().map(|c| c.0).collect();
     pods.delete("web", &Default::default()).await.unwrap();
-    eventually("the pod gone and its processes stopped", || async {
+    eventually("the pod gone and its processes stopped", T, || async {
         let gone = pods
             .get_opt("web")
             .await

@@ -4,7 +4,7 @@
 //! under their own ServiceAccount, so a permission taken from the chart's ClusterRole shows
 //! on the pair's condition and in an Event naming the verb and the resource.
 //!
-//! Skipped with a message without the kit (FERRY_LAB_KUBE_BIN; `.ci/run` unpacks it), failing
+//! Listed as ignored without the kit (FERRY_LAB_KUBE_BIN; `.ci/run` unpacks it), failing
 //! under `CI=true`.
 
 mod e2e;
@@ -42,12 +42,17 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<String, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_kube_kit,
+    ignore = "the Kubernetes control-plane kit is missing (FERRY_LAB_KUBE_BIN and etcd; .ci/run provides both)"
+)]
+#[cfg_attr(
+    lab_no_kubectl,
+    ignore = "kubectl not found on PATH (.ci/install-test-deps.sh installs it)"
+)]
 async fn kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster() {
-    let Some(settings) =
-        kubernetes_for_test("kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster")
-    else {
-        return;
-    };
+    let settings =
+        kubernetes_for_test("kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster");
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
     e2e::up(&lab.0, "a", &["--bare"], &settings);
@@ -106,12 +111,14 @@ async fn kubectl_on_a_real_control_plane_site_behaves_as_on_a_cluster() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_kube_kit,
+    ignore = "the Kubernetes control-plane kit is missing (FERRY_LAB_KUBE_BIN and etcd; .ci/run provides both)"
+)]
 async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kubernetes() {
-    let Some(settings) = kubernetes_for_test(
+    let settings = kubernetes_for_test(
         "a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kubernetes",
-    ) else {
-        return;
-    };
+    );
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
     let (a, _b) = e2e::setup_with_on(&lab.0, &Protection::PLANNED, &settings).await;
@@ -154,7 +161,7 @@ async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kube
 
     let expected =
         "cannot create resource \"volumesnapshots\" in API group \"snapshot.storage.k8s.io\"";
-    let patch = json!({"metadata": {"annotations": {ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION: "narrowed"}}});
+    let patch = json!({"metadata": {"annotations": {ferry_schemas::contract::SYNC_REQUEST_ANNOTATION: "narrowed"}}});
     pairs
         .patch("ledger", &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -194,7 +201,7 @@ async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kube
 
     // With the permission back, the next sync commits.
     set_rules(original).await;
-    let patch = json!({"metadata": {"annotations": {ferry_replicator::cluster::pairs::SYNC_REQUEST_ANNOTATION: "restored"}}});
+    let patch = json!({"metadata": {"annotations": {ferry_schemas::contract::SYNC_REQUEST_ANNOTATION: "restored"}}});
     pairs
         .patch("ledger", &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -215,12 +222,13 @@ async fn a_permission_missing_from_the_cluster_role_is_named_on_the_pair_on_kube
 /// the verb and resource, while the generation itself is still committed there; with the
 /// permission back, the next generation is applied and the condition turns `True`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_kube_kit,
+    ignore = "the Kubernetes control-plane kit is missing (FERRY_LAB_KUBE_BIN and etcd; .ci/run provides both)"
+)]
 async fn a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes() {
-    let Some(settings) =
-        kubernetes_for_test("a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes")
-    else {
-        return;
-    };
+    let settings =
+        kubernetes_for_test("a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes");
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
     let (a, b) = e2e::setup_with_on(&lab.0, &Protection::PLANNED, &settings).await;

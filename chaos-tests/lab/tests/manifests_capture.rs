@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_lab::node::catalog::Catalog;
 use ferry_lab::site::{client_from, SiteRuntime};
-use ferry_replicator::manifests::{capture, sanitise, ObjectKey};
+use ferry_manifests::{capture, sanitise, ObjectKey};
 use ferry_schemas::drpair::DRPair;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};

@@ -6,13 +6,12 @@
 
 mod e2e;
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ferry_lab::node::storage::bound_volume;
 use ferry_lab::site::client_from;
+use ferry_lab::testing::{checksum, eventually, Lab};
 use ferry_schemas::DRPair;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -23,82 +22,6 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 const NS: &str = "web";
-
-struct Lab(PathBuf);
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-            .arg("down")
-            .arg("--dir")
-            .arg(&self.0)
-            .output();
-    }
-}
-
-async fn eventually<V, F, Fut>(what: &str, mut f: F) -> V
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<V, String>>,
-{
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(s) => s,
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last state: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// BLAKE3 over a tree (relative paths, modes, sizes, contents, symlink targets) or an image.
-fn checksum(path: &Path) -> String {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let entry = entry.unwrap();
-            out.push(entry.path());
-            if entry.file_type().unwrap().is_dir() {
-                walk(&entry.path(), out);
-            }
-        }
-    }
-    let mut hasher = blake3::Hasher::new();
-    if std::fs::metadata(path).unwrap().is_file() {
-        hasher.update(&std::fs::read(path).unwrap());
-        return hasher.finalize().to_hex().to_string();
-    }
-    let mut entries = Vec::new();
-    walk(path, &mut entries);
-    entries.sort();
-    for full in entries {
-        let rel = full
-            .strip_prefix(path)
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
-        if rel.starts_with(".ferry") || rel == "lost+found" {
-            continue;
-        }
-        let m = std::fs::symlink_metadata(&full).unwrap();
-        hasher.update(rel.as_bytes());
-        hasher.update(&m.mode().to_le_bytes());
-        if m.file_type().is_symlink() {
-            hasher.update(
-                std::fs::read_link(&full)
-                    .unwrap()
-                    .to_string_lossy()
-                    .as_bytes(),
-            );
-        } else if m.is_file() {
-            hasher.update(&std::fs::read(&full).unwrap());
-        }
-    }
-    hasher.finalize().to_hex().to_string()
-}
 
 async fn create(client: &Client, object: Value) {
     let api_version = object["apiVersion"].as_str().unwrap().to_string();
@@ -119,7 +42,7 @@ async fn create(client: &Client, object: Value) {
 }
 
 async fn volume_path(client: &Client, claim: &str) -> PathBuf {
-    eventually(&format!("PVC {claim} bound"), || async {
+    eventually(&format!("PVC {claim} bound"), T, || async {
         bound_volume(client, NS, claim)
             .await
             .map_err(|e| e.to_string())?
@@ -164,7 +87,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
         create(site, json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {"name": "widgets.test.dev"}, "spec": {
             "group": "test.dev", "scope": "Namespaced", "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
             "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {"type": "object", "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}})).await;
-        eventually("the Widget CRD served", || async {
+        eventually("the Widget CRD served", T, || async {
             kube::discovery::pinned_kind(site, &GroupVersionKind::gvk("test.dev", "v1", "Widget"))
                 .await
                 .map(|_| ())
@@ -218,7 +141,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
     create(&a, json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair", "metadata": {"name": "web"}, "spec": {
         "selector": {"matchLabels": {"app": "web"}}, "primarySite": "a", "secondarySite": "b", "rpo": "30s",
         "transform": {"labels": {"set": {"site": "b"}}, "replicas": {"policy": "Fixed", "count": 1}}}})).await;
-    let generation = eventually("the first generation", || pair_generation(&pairs, "web")).await;
+    let generation = eventually("the first generation", T, || pair_generation(&pairs, "web")).await;
 
     // The destination's generation, restored into fresh PVCs at b, equals the source's bytes.
     for (claim, mode, sum) in [
@@ -342,7 +265,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
             Err(kube::Error::Api(e)) => assert!(e.message.contains(field), "{}", e.message),
             Err(e) => panic!("{e}"),
             Ok(_) => {
-                let message = eventually(&format!("{name} marked invalid"), || async {
+                let message = eventually(&format!("{name} marked invalid"), T, || async {
                     let p = pairs.get(name).await.map_err(|e| e.to_string())?;
                     let ready = p
                         .status
@@ -371,7 +294,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
         )
         .await
         .unwrap();
-    let next = eventually("a generation after the bad input", || async {
+    let next = eventually("a generation after the bad input", T, || async {
         let p = pairs.get("web").await.map_err(|e| e.to_string())?;
         let s = p.status.unwrap_or_default();
         match (s.last_sync_request.as_deref(), s.generation) {
@@ -414,7 +337,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
         refused.message()
     );
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(b.clone(), NS);
-    let note = eventually("a StaleEpoch Event at b", || async {
+    let note = eventually("a StaleEpoch Event at b", T, || async {
         let list = events
             .list(&Default::default())
             .await
@@ -444,7 +367,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
         )
         .await
         .unwrap();
-    let parked = eventually("the app parked at b", || async {
+    let parked = eventually("the app parked at b", T, || async {
         let d = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(b.clone(), NS)
             .get_opt("web")
             .await

@@ -2,11 +2,12 @@
 //! `currentLagSeconds` stays under 30 for 3 minutes, checked every second, and no sync of that
 //! period is older than the RPO. Prints the largest lag seen.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_lab::site::client_from;
+use ferry_lab::testing::Lab;
 use ferry_schemas::DRPair;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -30,18 +31,6 @@ fn ferry_lab(args: &[&str], dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-struct Lab(PathBuf);
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-            .arg("down")
-            .arg("--dir")
-            .arg(&self.0)
-            .output();
-    }
 }
 
 async fn apply(client: &Client, object: Value) {

@@ -1,12 +1,13 @@
 //! A site killed with SIGKILL and started again keeps every object, and its kubelet brings
 //! the pods back; driven through the `ferry-lab` CLI as a user would.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use ferry_lab::node::timeline::{self, TimelineEvent};
 use ferry_lab::site::client_from;
+use ferry_lab::testing::{eventually, Lab};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams, PostParams};
@@ -30,37 +31,6 @@ fn ferry_lab(args: &[&str], dir: &Path) -> String {
     );
     assert!(out.status.success(), "ferry-lab {args:?} failed: {text}");
     text
-}
-
-/// Stops the lab when the test ends, even on panic.
-struct Lab(PathBuf);
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_ferry-lab"))
-            .arg("down")
-            .arg("--dir")
-            .arg(&self.0)
-            .output();
-    }
-}
-
-async fn eventually<V, F, Fut>(what: &str, mut f: F) -> V
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<V, String>>,
-{
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(s) => s,
-        };
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last state: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn writer_pid(pods: &Api<Pod>) -> Result<u32, String> {
@@ -125,7 +95,7 @@ async fn killed_site_restarts_with_its_objects_and_pods() {
         .await
         .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
-    let pid = eventually("the writer running", || writer_pid(&pods)).await;
+    let pid = eventually("the writer running", T, || writer_pid(&pods)).await;
 
     let killed = ferry_lab(&["site", "kill", "a"], &dir);
     assert!(killed.contains("killed"), "{killed}");
@@ -145,7 +115,7 @@ async fn killed_site_restarts_with_its_objects_and_pods() {
         "same object, same resourceVersion"
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
-    let new_pid = eventually("the writer running again", || writer_pid(&pods)).await;
+    let new_pid = eventually("the writer running again", T, || writer_pid(&pods)).await;
     assert_ne!(pid, new_pid);
 
     let events: Vec<TimelineEvent> = timeline::read(&dir.join("a/timeline.jsonl"))

@@ -14,12 +14,15 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::{Api, Client};
 
 use super::hooks::{run_hook, HookPoint};
-use super::movers::{MoverPods, PAIR_LABEL};
-use super::replicas::{GENERATION_LABEL, ROLE_LABEL, VOLUME_LABEL};
-use super::volumes::{create_claim, delete_claim, delete_snapshot, snapshot_claim, ClaimShape};
+use ferry_schemas::contract::{GENERATION_LABEL, PAIR_LABEL, ROLE_LABEL, VOLUME_LABEL};
+
+use super::movers::MoverPods;
 use crate::destination::{PairKey, ReplicaError, VolumeSpec};
-use crate::manifests::{capture, sanitise, ManifestBundle};
 use crate::source::SourceVolume;
+use ferry_manifests::{capture, sanitise, ManifestBundle};
+use ferry_runtime::volumes::{
+    create_claim, delete_claim, delete_snapshot, snapshot_claim, ClaimShape,
+};
 use ferry_schemas::validation::{ValidPairSpec, VolumeSelection};
 
 /// A captured generation, ready to ship, with what it created at the source.
@@ -79,6 +82,12 @@ pub enum CaptureError {
     /// A capture hook failed (the message names the field and the pod).
     #[error(transparent)]
     Hook(super::hooks::HookError),
+}
+
+impl From<ferry_runtime::volumes::VolumeError> for CaptureError {
+    fn from(e: ferry_runtime::volumes::VolumeError) -> Self {
+        Self::Volume(e.into())
+    }
 }
 
 /// Captures generation `generation` of `pair`. On error, whatever was created is deleted

@@ -103,7 +103,7 @@ pub async fn run_hook(
     point: HookPoint,
 ) -> Result<Vec<String>, HookError> {
     let field = point.field();
-    let query = crate::manifests::label_selector_query(selector).map_err(|e| HookError::Exec {
+    let query = ferry_manifests::label_selector_query(selector).map_err(|e| HookError::Exec {
         field,
         pod: String::new(),
         message: format!("spec.selector: {e}"),

@@ -1,7 +1,7 @@
-//! Kubernetes adapters of the replicator: mover pods ([`movers`]), PVCs and VolumeSnapshots
-//! ([`volumes`]), the destination's replicas ([`replicas`]), the source's capture
-//! ([`capture`]) and its hooks ([`hooks`]), DRPair status and Events ([`status`]) and the
-//! per-pair workers ([`pairs`]).
+//! Kubernetes adapters of the replicator: mover pods ([`movers`]), the destination's replicas
+//! ([`replicas`]), the source's capture ([`capture`]) and its hooks ([`hooks`]) and the
+//! per-pair workers ([`pairs`] watches the pairs, [`worker`] ships one). Status, Events and volume operations come from the
+//! `ferry-runtime` crate.
 //! Everything above this module works on paths, sessions and gRPC only.
 
 pub mod capture;
@@ -9,5 +9,4 @@ pub mod hooks;
 pub mod movers;
 pub mod pairs;
 pub mod replicas;
-pub mod status;
-pub mod volumes;
+pub mod worker;

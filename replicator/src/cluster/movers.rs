@@ -12,6 +12,8 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::destination::ReplicaError;
+use ferry_schemas::contract::{MOVER_ROLE_LABEL, PAIR_LABEL};
+
 use crate::mover::{MoverHub, MoverSession};
 
 /// How long a mover pod may take to start and dial in, in seconds.
@@ -20,10 +22,6 @@ pub const MOVER_START_TIMEOUT: Duration = Duration::from_secs(120);
 pub const MOVER_ROOT: &str = "/data";
 /// Where a mover sees a Block volume (`volumeDevices.devicePath`).
 pub const MOVER_DEVICE: &str = "/dev/ferry-volume";
-/// Label on every mover pod: which pair it serves.
-pub const PAIR_LABEL: &str = "ferry.dev/pair";
-/// Label on every mover pod: `source` or `destination`.
-pub const ROLE_LABEL: &str = "ferry.dev/mover-role";
 
 /// Starts mover pods for this replicator.
 #[derive(Clone)]
@@ -92,7 +90,7 @@ impl MoverPods {
                     "app.kubernetes.io/name": "ferry-mover",
                     "app.kubernetes.io/managed-by": "ferry-replicator",
                     PAIR_LABEL: pair,
-                    ROLE_LABEL: role,
+                    MOVER_ROLE_LABEL: role,
                 },
             },
             "spec": {
@@ -136,7 +134,7 @@ impl MoverPods {
     /// [`ReplicaError::Kube`] when the API refuses.
     pub async fn stop(&self, namespace: &str, pair: &str, role: &str) -> Result<(), ReplicaError> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let selector = format!("{PAIR_LABEL}={pair},{ROLE_LABEL}={role}");
+        let selector = format!("{PAIR_LABEL}={pair},{MOVER_ROLE_LABEL}={role}");
         pods.delete_collection(
             &DeleteParams::default(),
             &ListParams::default().labels(&selector),

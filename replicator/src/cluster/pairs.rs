@@ -14,26 +14,16 @@ use serde_json::json;
 use ferry_schemas::conditions::{
     ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
 };
-use ferry_schemas::validation::join_errors;
-use ferry_schemas::{DRPair, Site};
+use ferry_schemas::DRPair;
 
 use super::capture::capture_generation;
 use super::movers::MoverPods;
-use super::status::{ConditionSet, PairStatus};
 use crate::delta::HashStore;
 use crate::destination::{CommittedGeneration, DestinationObserver, PairKey, Rejection, SiteView};
 use crate::metrics::{Metrics, PairLabels};
-use crate::source::{committed_state, ship, Faults, RpoSchedule, ShipRequest};
+use crate::source::{ship, Faults, ShipRequest};
 use crate::tls::TlsMaterial;
-
-/// Annotation a controller sets to ask for a sync now (any new value); the replicator echoes
-/// the value in `status.lastSyncRequest`… once the generation it started after seeing it is
-/// committed.
-pub const SYNC_REQUEST_ANNOTATION: &str = "ferry.dev/sync-request";
-/// How long to wait after a failed sync before the next attempt.
-const RETRY: Duration = Duration::from_secs(5);
-/// How often the lag in status is refreshed.
-const TICK: Duration = Duration::from_secs(1);
+use ferry_runtime::{Component, ConditionSet, PairStatus};
 
 /// Everything a pair worker needs.
 #[derive(Clone)]
@@ -64,7 +54,7 @@ fn from_unix(seconds: f64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0))
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub(super) fn rfc3339(t: SystemTime) -> String {
     k8s_openapi::jiff::Timestamp::try_from(t)
         .map(|ts| {
             ts.round(k8s_openapi::jiff::Unit::Second)
@@ -113,309 +103,15 @@ pub async fn run(ctx: SiteContext) {
             let task_key = key.clone();
             running.insert(
                 key,
-                tokio::spawn(async move { worker(ctx, task_key).await }),
+                tokio::spawn(super::worker::Worker::new(ctx, task_key).run()),
             );
         }
     }
 }
 
-/// Ships `key` while it is active at this site.
-async fn worker(ctx: SiteContext, key: PairKey) {
-    let api: Api<DRPair> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    let labels = PairLabels::new(&key.namespace, &key.name);
-    let mut schedule: Option<RpoSchedule> = None;
-    let mut last_capture: Option<SystemTime> = None;
-    let mut last_lag_written = -1.0f64;
-    let mut retry_at = SystemTime::UNIX_EPOCH;
-    let mut violated = false;
-    loop {
-        let pair = match api.get_opt(&key.name).await {
-            Ok(Some(pair)) if pair.metadata.deletion_timestamp.is_none() => pair,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(pair = %key, error = %e, "reading DRPair");
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        let status = pair.status.clone().unwrap_or_default();
-        let active = status
-            .active_site
-            .clone()
-            .unwrap_or_else(|| pair.spec.primary_site.clone());
-        if active != ctx.site {
-            tracing::info!(pair = %key, active, "pair is no longer active here; stop shipping");
-            return;
-        }
-        if status.phase == Some(ferry_schemas::drpair::PairPhase::Fenced) {
-            // The controller fenced this site (witness lease lost): ship nothing until it
-            // holds the lease again.
-            tokio::time::sleep(RETRY).await;
-            continue;
-        }
-        let sites: Vec<String> = match Api::<Site>::all(ctx.client.clone())
-            .list(&Default::default())
-            .await
-        {
-            Ok(list) => list.items.iter().map(|s| s.name_any()).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "listing Sites");
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        let valid = match pair.spec.validate(Some(&sites)) {
-            Ok(valid) => valid,
-            Err(errors) => {
-                let message = join_errors(&errors);
-                let _ = ctx
-                    .status
-                    .patch(
-                        &key.namespace,
-                        &key.name,
-                        json!({"phase": "Error", "observedGeneration": pair.metadata.generation}),
-                        &[(T::Ready, S::False, R::InvalidSpec, message.clone())],
-                    )
-                    .await;
-                if status.phase.map(|p| p.as_str()) != Some("Error") {
-                    ctx.status
-                        .event(&pair, true, "InvalidSpec", "Validate", message)
-                        .await;
-                }
-                // Wait for the spec to change.
-                wait_for_change(&api, &key.name, pair.metadata.generation).await;
-                continue;
-            }
-        };
-        if status.active_site.is_none() || status.epoch.is_none() {
-            let _ = ctx
-                .status
-                .patch(
-                    &key.namespace,
-                    &key.name,
-                    json!({"activeSite": ctx.site, "epoch": 1, "phase": "Initializing"}),
-                    &[(
-                        T::Ready,
-                        S::False,
-                        R::NoCompleteGeneration,
-                        "no complete generation at the destination yet".to_string(),
-                    )],
-                )
-                .await;
-            continue;
-        }
-        let epoch = status.epoch.map(|e| e.0).unwrap_or(1);
-        let schedule = schedule.get_or_insert_with(|| RpoSchedule::new(valid.rpo));
-        schedule.set_rpo(valid.rpo);
-        let peer = if valid.primary_site == ctx.site {
-            &valid.secondary_site
-        } else {
-            &valid.primary_site
-        };
-        let endpoint = match Api::<Site>::all(ctx.client.clone()).get_opt(peer).await {
-            Ok(Some(site)) => site.spec.replicator_endpoint,
-            _ => {
-                let _ = ctx
-                    .status
-                    .patch(
-                        &key.namespace,
-                        &key.name,
-                        json!({}),
-                        &[(
-                            T::PeerReachable,
-                            S::False,
-                            R::PeerUnreachable,
-                            format!("Site {peer} not found"),
-                        )],
-                    )
-                    .await;
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        let mut client = match crate::transport::connect_peer(&endpoint, &ctx.tls) {
-            Ok(client) => client,
-            Err(e) => {
-                let _ = ctx
-                    .status
-                    .patch(
-                        &key.namespace,
-                        &key.name,
-                        json!({}),
-                        &[(
-                            T::PeerReachable,
-                            S::False,
-                            R::PeerUnreachable,
-                            format!("Site {peer}: {e}"),
-                        )],
-                    )
-                    .await;
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        // Refresh what the destination holds: its newest generation and when it was captured.
-        let (committed, dest_epoch) = match committed_state(&mut client, &key).await {
-            Ok(state) => state,
-            Err(e) => {
-                let _ = ctx
-                    .status
-                    .patch(
-                        &key.namespace,
-                        &key.name,
-                        json!({"phase": "Degraded"}),
-                        &[(
-                            T::PeerReachable,
-                            S::False,
-                            R::PeerUnreachable,
-                            format!("replicator of site {peer} at {endpoint}: {e}"),
-                        )],
-                    )
-                    .await;
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        if dest_epoch > epoch {
-            let message = format!("site {peer} holds epoch {dest_epoch}, newer than this site's {epoch}: this site was superseded; not shipping");
-            ctx.status
-                .event(&pair, true, "StaleEpoch", "Sync", message.clone())
-                .await;
-            let _ = ctx
-                .status
-                .patch(
-                    &key.namespace,
-                    &key.name,
-                    json!({}),
-                    &[(T::Synced, S::False, R::SyncFailed, message)],
-                )
-                .await;
-            tokio::time::sleep(RETRY * 6).await;
-            continue;
-        }
-        if committed.is_none() {
-            last_capture = None;
-        }
-        // Lag and RPO, refreshed every tick while waiting.
-        let now_t = SystemTime::now();
-        let lag = last_capture.map(|c| now_t.duration_since(c).unwrap_or_default().as_secs_f64());
-        if let Some(lag) = lag {
-            ctx.metrics.set_lag(&labels, lag);
-            let met = schedule.rpo_met(last_capture, now_t);
-            if !met && !violated {
-                violated = true;
-                ctx.metrics.rpo_violation(&labels);
-                ctx.status
-                    .event(
-                        &pair,
-                        true,
-                        "RPOMissed",
-                        "Sync",
-                        format!("lag {lag:.0}s exceeds rpo {}s", valid.rpo.as_secs()),
-                    )
-                    .await;
-            }
-            if (lag - last_lag_written).abs() >= 1.0 || !met {
-                last_lag_written = lag;
-                let (cs, reason) = if met {
-                    (S::True, R::WithinRpo)
-                } else {
-                    (S::False, R::RpoExceeded)
-                };
-                let _ = ctx
-                    .status
-                    .patch(
-                        &key.namespace,
-                        &key.name,
-                        json!({"currentLagSeconds": (lag * 10.0).round() / 10.0, "rpoMet": met}),
-                        &[(
-                            T::RpoMet,
-                            cs,
-                            reason,
-                            format!("lag {lag:.0}s, rpo {}s", valid.rpo.as_secs()),
-                        )],
-                    )
-                    .await;
-            }
-        }
-        let requested = pair.annotations().get(SYNC_REQUEST_ANNOTATION).cloned();
-        let request_pending = requested.is_some() && requested != status.last_sync_request;
-        let due = schedule.next_start(last_capture, now_t);
-        // While a Migration owns the pair, only its requested (final) sync runs.
-        let migrating = status.phase.map(|p| p.as_str()) == Some("Migrating");
-        if !request_pending && (migrating || now_t < due || now_t < retry_at) {
-            tokio::time::sleep(TICK).await;
-            continue;
-        }
-        // Sync now.
-        let generation = committed
-            .unwrap_or(0)
-            .max(status.generation.map(|g| g.0).unwrap_or(0))
-            + 1;
-        let span = tracing::info_span!("sync", pair = %key, generation, epoch);
-        let started = SystemTime::now();
-        let result = tracing::Instrument::instrument(
-            sync_once(&ctx, &mut client, &pair, &key, &valid, generation, epoch),
-            span,
-        )
-        .await;
-        match result {
-            Ok((report, capture_time)) => {
-                violated = false;
-                last_capture = Some(capture_time);
-                let duration = SystemTime::now()
-                    .duration_since(started)
-                    .unwrap_or_default();
-                schedule.record(duration);
-                let blocks: u64 = report.volumes.values().map(|v| v.blocks_scanned).sum();
-                ctx.metrics.observe_sync(
-                    &labels,
-                    duration.as_secs_f64(),
-                    report.bytes_shipped,
-                    blocks,
-                );
-                let lag = SystemTime::now()
-                    .duration_since(capture_time)
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                last_lag_written = lag;
-                let mut fields = json!({
-                    "generation": generation,
-                    "lastSyncTime": rfc3339(SystemTime::now()),
-                    "lastCaptureTime": rfc3339(capture_time),
-                    "lastSyncDurationSeconds": (duration.as_secs_f64() * 1000.0).round() / 1000.0,
-                    "lastSyncBytes": report.bytes_shipped + report.base_index_bytes,
-                    "currentLagSeconds": (lag * 10.0).round() / 10.0,
-                    "rpoMet": lag <= valid.rpo.as_secs_f64(),
-                    "observedGeneration": pair.metadata.generation,
-                });
-                if request_pending {
-                    fields["lastSyncRequest"] = json!(requested);
-                }
-                if !migrating {
-                    fields["phase"] = json!("Replicating");
-                }
-                let _ = ctx.status.patch(&key.namespace, &key.name, fields, &[
-                    (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer}: {} bytes in {:.1}s{}", report.bytes_shipped + report.base_index_bytes, duration.as_secs_f64(), if report.base_index_bytes > 0 { format!(" (of which {} bytes of {peer}'s index of its diverged seed)", report.base_index_bytes) } else { String::new() })),
-                    (T::PeerReachable, S::True, R::PeerResponding, format!("replicator of site {peer} at {endpoint}")),
-                    (T::RpoMet, S::True, R::WithinRpo, format!("lag {lag:.0}s, rpo {}s", valid.rpo.as_secs())),
-                    (T::Ready, S::True, R::Protected, format!("generation {generation} is complete at {peer}")),
-                ]).await;
-                tracing::info!(pair = %key, generation, bytes = report.bytes_shipped, seconds = duration.as_secs_f64(), "generation shipped");
-            }
-            Err(message) => {
-                retry_at = SystemTime::now() + RETRY;
-                tracing::warn!(pair = %key, generation, error = %message, "sync failed");
-                ctx.status
-                    .event(&pair, true, "SyncFailed", "Sync", message.clone())
-                    .await;
-                let _ = ctx.status.patch(&key.namespace, &key.name, if migrating { json!({}) } else { json!({"phase": if committed.is_some() { "Degraded" } else { "Initializing" }}) }, &[(T::Synced, S::False, R::SyncFailed, message)]).await;
-            }
-        }
-    }
-}
-
-async fn sync_once(
+/// Captures and ships generation `generation` of `key` at `epoch` through `client`; gives
+/// the ship report and the capture time, or a message naming the step that failed.
+pub(super) async fn sync_once(
     ctx: &SiteContext,
     client: &mut ferry_schemas::proto::ReplicationClient<tonic::transport::Channel>,
     pair: &DRPair,
@@ -454,15 +150,6 @@ async fn sync_once(
     result
         .map(|report| (report, capture_time))
         .map_err(|e| format!("shipping generation {generation}: {e}"))
-}
-
-async fn wait_for_change(api: &Api<DRPair>, name: &str, generation: Option<i64>) {
-    let changed = move |p: Option<&DRPair>| p.is_none_or(|p| p.metadata.generation != generation);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(30),
-        kube::runtime::wait::await_condition(api.clone(), name, changed),
-    )
-    .await;
 }
 
 /// The destination's view of this site: epochs from the local DRPair, Events and status on
@@ -512,23 +199,21 @@ impl SiteObserver {
             });
         }
         let result = async {
-            let bundle = crate::manifests::ManifestBundle::from_json_bytes(manifests_json)
+            let bundle = ferry_manifests::ManifestBundle::from_json_bytes(manifests_json)
                 .map_err(|e| e.to_string())?;
-            let objects = crate::manifests::transform(bundle.objects, &spec.transform)
-                .map_err(|e| e.to_string())?;
-            let mut objects = crate::manifests::standby(objects);
-            objects.retain(|o| o["kind"] != "PersistentVolumeClaim");
-            for object in &mut objects {
-                object["metadata"]["namespace"] = json!(pair.namespace);
-            }
-            for object in crate::manifests::instantiation_order(objects)
-                .iter()
-                .flatten()
-            {
-                crate::manifests::apply_object(
+            let waves = ferry_manifests::plan_instantiation(
+                bundle.objects,
+                &pair.name,
+                &pair.namespace,
+                &spec.transform,
+                ferry_manifests::Instantiation::Standby,
+            )
+            .map_err(|e| e.to_string())?;
+            for object in waves.iter().flatten() {
+                ferry_manifests::apply_object(
                     self.status.client(),
                     object,
-                    super::status::MANAGER,
+                    Component::Replicator.manager(),
                 )
                 .await
                 .map_err(|e| {
@@ -617,7 +302,7 @@ impl DestinationObserver for SiteObserver {
                 "metadata": {"name": pair.name, "namespace": pair.namespace, "labels": declared["metadata"]["labels"]},
                 "spec": declared["spec"],
             });
-            let params = kube::api::PatchParams::apply(super::status::MANAGER).force();
+            let params = kube::api::PatchParams::apply(Component::Replicator.manager()).force();
             if let Err(e) = api
                 .patch(&pair.name, &params, &kube::api::Patch::Apply(&patch))
                 .await
@@ -662,9 +347,15 @@ impl DestinationObserver for SiteObserver {
             ),
         ];
         conditions.extend(standby);
-        let _ = self
+        // The next commit writes all of this again; a refusal now is logged and counted.
+        if let Err(e) = self
             .status
-            .patch(&pair.namespace, &pair.name, fields, &conditions)
-            .await;
+            .apply(&pair.namespace, &pair.name, fields, &conditions)
+            .await
+        {
+            tracing::warn!(pair = %pair, error = %e, "writing DRPair status after a commit");
+            self.metrics
+                .status_write_failed(&PairLabels::new(&pair.namespace, &pair.name));
+        }
     }
 }

@@ -15,46 +15,19 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
-use super::movers::{MoverPods, PAIR_LABEL};
-use super::volumes::{
-    create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
+use ferry_schemas::contract::{
+    generation_snapshot, manifests_secret, staging_claim, DIGEST_ANNOTATION, DIVERGED_LABEL,
+    GENERATION_LABEL, MANIFESTS_KEY, PAIR_LABEL, REPLICA_ROLE, ROLE_LABEL, SEED_LABEL,
+    VOLUME_LABEL,
 };
+
+use super::movers::MoverPods;
 use crate::delta::VolumeDigest;
 use crate::destination::{PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
 use crate::mover::MoverSession;
-
-/// Label: the generation a snapshot or manifests Secret belongs to.
-pub const GENERATION_LABEL: &str = "ferry.dev/generation";
-/// Label: the source volume (PVC name) a replica object belongs to.
-pub const VOLUME_LABEL: &str = "ferry.dev/volume";
-/// Label: `replica` on every object the destination keeps.
-pub const ROLE_LABEL: &str = "ferry.dev/role";
-/// Label: `true` on snapshots a promotion took of the old source's own PVCs (see
-/// [`ReplicaStore::seed`]).
-pub const SEED_LABEL: &str = "ferry.dev/seed";
-/// Label of a seed snapshot whose copy holds writes the peer never received (`"true"`), see
-/// [`crate::destination::Seed::diverged`].
-pub const DIVERGED_LABEL: &str = "ferry.dev/seed-diverged";
-/// Annotation of a replica snapshot: the hex BLAKE3 volume digest (`delta::VolumeDigest`) the
-/// source computed for the generation and the destination verified the copy against.
-pub const DIGEST_ANNOTATION: &str = "ferry.dev/volume-digest";
-/// Key of the manifests in a generation's Secret.
-pub const MANIFESTS_KEY: &str = "manifests.json";
-
-/// Name of the staging PVC of `volume`.
-pub fn staging_claim(pair: &str, volume: &str) -> String {
-    format!("ferry-{pair}-{volume}-replica")
-}
-
-/// Name of the VolumeSnapshot holding `volume` at `generation`.
-pub fn generation_snapshot(pair: &str, volume: &str, generation: u64) -> String {
-    format!("ferry-{pair}-{volume}-g{generation}")
-}
-
-/// Name of the Secret holding the manifests of `generation`.
-pub fn manifests_secret(pair: &str, generation: u64) -> String {
-    format!("ferry-{pair}-g{generation}-manifests")
-}
+use ferry_runtime::volumes::{
+    create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
+};
 
 /// Replicas kept as PVCs, VolumeSnapshots and Secrets in the pair's namespace.
 #[derive(Clone)]
@@ -76,7 +49,7 @@ impl KubeReplicas {
     ) -> BTreeMap<String, String> {
         let mut labels = BTreeMap::from([
             (PAIR_LABEL.to_string(), pair.name.clone()),
-            (ROLE_LABEL.to_string(), "replica".to_string()),
+            (ROLE_LABEL.to_string(), REPLICA_ROLE.to_string()),
             (
                 "app.kubernetes.io/managed-by".to_string(),
                 "ferry-replicator".to_string(),

@@ -75,6 +75,15 @@ pub enum ReplicaError {
     Timeout(String),
 }
 
+impl From<ferry_runtime::volumes::VolumeError> for ReplicaError {
+    fn from(e: ferry_runtime::volumes::VolumeError) -> Self {
+        match e {
+            ferry_runtime::volumes::VolumeError::Kube(m) => Self::Kube(m),
+            ferry_runtime::volumes::VolumeError::Timeout(m) => Self::Timeout(m),
+        }
+    }
+}
+
 /// The destination's storage for replicas.
 #[tonic::async_trait]
 pub trait ReplicaStore: Send + Sync + 'static {

@@ -5,7 +5,6 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use ferry_lab::apiserver::store::WATCH_WINDOW;
 use ferry_lab::apiserver::{ApiServer, ApiServerConfig};
@@ -112,10 +111,11 @@ impl Site {
     }
 
     /// One bare site (`ferry-lab up --sites a --bare`) on a real control plane: etcd,
-    /// kube-apiserver, controller-manager and scheduler from the kit. `None` (with a message)
-    /// without the kit; panics under `CI=true` ([`ferry_lab::control_plane::kubernetes_for_test`]).
-    pub async fn start_kubernetes(test: &str) -> Option<Self> {
-        let settings = ferry_lab::control_plane::kubernetes_for_test(test)?;
+    /// kube-apiserver, controller-manager and scheduler from the kit; panics without it
+    /// ([`ferry_lab::control_plane::kubernetes_for_test`]: such tests carry
+    /// `#[cfg_attr(lab_no_kube_kit, ignore)]`).
+    pub async fn start_kubernetes(test: &str) -> Self {
+        let settings = ferry_lab::control_plane::kubernetes_for_test(test);
         let dir = tempfile::tempdir().expect("temp dir");
         let lab = dir.path().join("lab");
         let mut args = vec![
@@ -136,7 +136,7 @@ impl Site {
         };
         // `site` stops the lab on drop should `up` fail half-way.
         ferry_lab(&args, site.lab.as_deref().unwrap());
-        Some(site)
+        site
     }
 
     async fn serve(
@@ -209,22 +209,5 @@ pub fn unique_ns(prefix: &str) -> String {
     )
 }
 
-/// Awaits `f` returning `Ok` under a deadline, polling every 20 ms; panics with the last
-/// state `f` reported on timeout.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let last = match f().await {
-            Ok(v) => return v,
-            Err(state) => state,
-        };
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}; last state: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use ferry_lab::testing::eventually;

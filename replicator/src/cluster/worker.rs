@@ -1,0 +1,501 @@
+//! The worker of one DRPair active at this site: a small state machine run once per tick.
+//!
+//! Each tick goes through the same steps, each either handing the next one what it found or
+//! ending the tick with what to do instead ([`Next`]):
+//!
+//! 1. [`Worker::ensure_active`]: the pair exists, is not being deleted, is active here and not
+//!    fenced;
+//! 2. [`Worker::ensure_valid`]: the spec passes validation (else `Ready=False InvalidSpec`
+//!    and a wait for the spec to change);
+//! 3. [`Worker::ensure_initialised`]: `status.activeSite` and `status.epoch` are set;
+//! 4. [`Worker::ensure_peer`]: the peer's replicator answers, with what it holds and its
+//!    epoch (a newer epoch there means this site was superseded);
+//! 5. [`Worker::refresh_lag`]: lag and RPO in metrics, status and Events;
+//! 6. [`Worker::maybe_sync`]: a sync when one is due or requested, and its outcome in status.
+//!
+//! Status writes never fail silently: a refused write is logged, counted
+//! (`ferry_status_write_failures_total`) and kept to be sent again first thing next tick.
+
+use std::time::{Duration, SystemTime};
+
+use kube::{Api, ResourceExt};
+use serde_json::{json, Map, Value};
+
+use ferry_runtime::ConditionSet;
+use ferry_schemas::conditions::{
+    ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
+};
+use ferry_schemas::contract::SYNC_REQUEST_ANNOTATION;
+use ferry_schemas::drpair::{DRPairStatus, PairPhase};
+use ferry_schemas::proto::ReplicationClient;
+use ferry_schemas::validation::{join_errors, ValidPairSpec};
+use ferry_schemas::{DRPair, Site};
+use tonic::transport::Channel;
+
+use super::pairs::{rfc3339, sync_once, SiteContext};
+use crate::destination::PairKey;
+use crate::metrics::PairLabels;
+use crate::source::{committed_state, RpoSchedule};
+
+/// How long to wait after a failed step before the next attempt.
+pub const RETRY: Duration = Duration::from_secs(5);
+/// How often lag and RPO are refreshed while no sync is due.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// How a tick ends.
+#[derive(Debug)]
+pub enum Next {
+    /// The pair is gone or no longer active here: the worker ends.
+    Stop,
+    /// Tick again after this long.
+    Wait(Duration),
+    /// Tick again once the spec's generation differs from this one (or after 30 s).
+    SpecChange(Option<i64>),
+}
+
+/// What [`Worker::ensure_peer`] found.
+struct Peer {
+    name: String,
+    endpoint: String,
+    client: ReplicationClient<Channel>,
+    /// The newest generation the peer committed, if any.
+    committed: Option<u64>,
+}
+
+/// A pair's worker: what it remembers between ticks.
+pub struct Worker {
+    ctx: SiteContext,
+    key: PairKey,
+    api: Api<DRPair>,
+    labels: PairLabels,
+    schedule: Option<RpoSchedule>,
+    /// Capture time of the newest generation the peer committed, as far as this worker knows.
+    last_capture: Option<SystemTime>,
+    /// The lag last written to status, seconds (written again once it moved by 1 s).
+    last_lag_written: f64,
+    /// No sync before this (after a failed one).
+    retry_at: SystemTime,
+    /// An RPO violation was reported and no sync succeeded since.
+    violated: bool,
+    /// A status write that failed, to send again: fields and conditions, newest wins.
+    unwritten: Option<(Map<String, Value>, Vec<ConditionSet>)>,
+}
+
+impl Worker {
+    /// A worker for `key`.
+    pub fn new(ctx: SiteContext, key: PairKey) -> Self {
+        Self {
+            api: Api::namespaced(ctx.client.clone(), &key.namespace),
+            labels: PairLabels::new(&key.namespace, &key.name),
+            ctx,
+            key,
+            schedule: None,
+            last_capture: None,
+            last_lag_written: -1.0,
+            retry_at: SystemTime::UNIX_EPOCH,
+            violated: false,
+            unwritten: None,
+        }
+    }
+
+    /// Ships the pair while it is active at this site.
+    pub async fn run(mut self) {
+        loop {
+            self.flush_status().await;
+            match self.tick().await {
+                Next::Stop => return,
+                Next::Wait(d) => tokio::time::sleep(d).await,
+                Next::SpecChange(generation) => self.wait_for_spec_change(generation).await,
+            }
+        }
+    }
+
+    /// One pass through the steps.
+    async fn tick(&mut self) -> Next {
+        match self.steps().await {
+            Ok(next) | Err(next) => next,
+        }
+    }
+
+    async fn steps(&mut self) -> Result<Next, Next> {
+        let (pair, status) = self.ensure_active().await?;
+        let valid = self.ensure_valid(&pair, &status).await?;
+        let epoch = self.ensure_initialised(&status).await?;
+        let mut peer = self.ensure_peer(&pair, &valid, epoch).await?;
+        self.refresh_lag(&pair, &valid).await;
+        Ok(self
+            .maybe_sync(&pair, &status, &valid, epoch, &mut peer)
+            .await)
+    }
+
+    async fn ensure_active(&self) -> Result<(DRPair, DRPairStatus), Next> {
+        let pair = match self.api.get_opt(&self.key.name).await {
+            Ok(Some(pair)) if pair.metadata.deletion_timestamp.is_none() => pair,
+            Ok(_) => return Err(Next::Stop),
+            Err(e) => {
+                tracing::warn!(pair = %self.key, error = %e, "reading DRPair");
+                return Err(Next::Wait(RETRY));
+            }
+        };
+        let status = pair.status.clone().unwrap_or_default();
+        let active = status
+            .active_site
+            .clone()
+            .unwrap_or_else(|| pair.spec.primary_site.clone());
+        if active != self.ctx.site {
+            tracing::info!(pair = %self.key, active, "pair is no longer active here; stop shipping");
+            return Err(Next::Stop);
+        }
+        if status.phase == Some(PairPhase::Fenced) {
+            // The controller fenced this site (witness lease lost): ship nothing until it
+            // holds the lease again.
+            return Err(Next::Wait(RETRY));
+        }
+        Ok((pair, status))
+    }
+
+    async fn ensure_valid(
+        &mut self,
+        pair: &DRPair,
+        status: &DRPairStatus,
+    ) -> Result<ValidPairSpec, Next> {
+        let sites: Vec<String> = match Api::<Site>::all(self.ctx.client.clone())
+            .list(&Default::default())
+            .await
+        {
+            Ok(list) => list.items.iter().map(|s| s.name_any()).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "listing Sites");
+                return Err(Next::Wait(RETRY));
+            }
+        };
+        match pair.spec.validate(Some(&sites)) {
+            Ok(valid) => Ok(valid),
+            Err(errors) => {
+                let message = join_errors(&errors);
+                self.status(
+                    json!({"phase": "Error", "observedGeneration": pair.metadata.generation}),
+                    vec![(T::Ready, S::False, R::InvalidSpec, message.clone())],
+                )
+                .await;
+                if status.phase != Some(PairPhase::Error) {
+                    self.ctx
+                        .status
+                        .event(pair, true, "InvalidSpec", "Validate", message)
+                        .await;
+                }
+                Err(Next::SpecChange(pair.metadata.generation))
+            }
+        }
+    }
+
+    /// The pair's epoch, after setting the first one (1, this site active) where none is.
+    async fn ensure_initialised(&mut self, status: &DRPairStatus) -> Result<u64, Next> {
+        match (&status.active_site, status.epoch) {
+            (Some(_), Some(epoch)) => Ok(epoch.0),
+            _ => {
+                let site = self.ctx.site.clone();
+                self.status(
+                    json!({"activeSite": site, "epoch": 1, "phase": "Initializing"}),
+                    vec![(
+                        T::Ready,
+                        S::False,
+                        R::NoCompleteGeneration,
+                        "no complete generation at the destination yet".to_string(),
+                    )],
+                )
+                .await;
+                Err(Next::Wait(Duration::ZERO))
+            }
+        }
+    }
+
+    async fn ensure_peer(
+        &mut self,
+        pair: &DRPair,
+        valid: &ValidPairSpec,
+        epoch: u64,
+    ) -> Result<Peer, Next> {
+        let name = if valid.primary_site == self.ctx.site {
+            valid.secondary_site.clone()
+        } else {
+            valid.primary_site.clone()
+        };
+        let unreachable =
+            |message: String| (T::PeerReachable, S::False, R::PeerUnreachable, message);
+        let endpoint = match Api::<Site>::all(self.ctx.client.clone())
+            .get_opt(&name)
+            .await
+        {
+            Ok(Some(site)) => site.spec.replicator_endpoint,
+            _ => {
+                self.status(
+                    json!({}),
+                    vec![unreachable(format!("Site {name} not found"))],
+                )
+                .await;
+                return Err(Next::Wait(RETRY));
+            }
+        };
+        let mut client = match crate::transport::connect_peer(&endpoint, &self.ctx.tls) {
+            Ok(client) => client,
+            Err(e) => {
+                self.status(json!({}), vec![unreachable(format!("Site {name}: {e}"))])
+                    .await;
+                return Err(Next::Wait(RETRY));
+            }
+        };
+        // What the destination holds: its newest generation, and its epoch.
+        let (committed, peer_epoch) = match committed_state(&mut client, &self.key).await {
+            Ok(state) => state,
+            Err(e) => {
+                self.status(
+                    json!({"phase": "Degraded"}),
+                    vec![unreachable(format!(
+                        "replicator of site {name} at {endpoint}: {e}"
+                    ))],
+                )
+                .await;
+                return Err(Next::Wait(RETRY));
+            }
+        };
+        if peer_epoch > epoch {
+            let message = format!("site {name} holds epoch {peer_epoch}, newer than this site's {epoch}: this site was superseded; not shipping");
+            self.ctx
+                .status
+                .event(pair, true, "StaleEpoch", "Sync", message.clone())
+                .await;
+            self.status(
+                json!({}),
+                vec![(T::Synced, S::False, R::SyncFailed, message)],
+            )
+            .await;
+            return Err(Next::Wait(RETRY * 6));
+        }
+        if committed.is_none() {
+            self.last_capture = None;
+        }
+        Ok(Peer {
+            name,
+            endpoint,
+            client,
+            committed,
+        })
+    }
+
+    async fn refresh_lag(&mut self, pair: &DRPair, valid: &ValidPairSpec) {
+        let schedule = self
+            .schedule
+            .get_or_insert_with(|| RpoSchedule::new(valid.rpo));
+        schedule.set_rpo(valid.rpo);
+        let Some(capture) = self.last_capture else {
+            return;
+        };
+        let now = SystemTime::now();
+        let lag = now
+            .duration_since(capture)
+            .unwrap_or_default()
+            .as_secs_f64();
+        self.ctx.metrics.set_lag(&self.labels, lag);
+        let met = schedule.rpo_met(Some(capture), now);
+        if !met && !self.violated {
+            self.violated = true;
+            self.ctx.metrics.rpo_violation(&self.labels);
+            self.ctx
+                .status
+                .event(
+                    pair,
+                    true,
+                    "RPOMissed",
+                    "Sync",
+                    format!("lag {lag:.0}s exceeds rpo {}s", valid.rpo.as_secs()),
+                )
+                .await;
+        }
+        if (lag - self.last_lag_written).abs() >= 1.0 || !met {
+            self.last_lag_written = lag;
+            let (cs, reason) = if met {
+                (S::True, R::WithinRpo)
+            } else {
+                (S::False, R::RpoExceeded)
+            };
+            self.status(
+                json!({"currentLagSeconds": (lag * 10.0).round() / 10.0, "rpoMet": met}),
+                vec![(
+                    T::RpoMet,
+                    cs,
+                    reason,
+                    format!("lag {lag:.0}s, rpo {}s", valid.rpo.as_secs()),
+                )],
+            )
+            .await;
+        }
+    }
+
+    async fn maybe_sync(
+        &mut self,
+        pair: &DRPair,
+        status: &DRPairStatus,
+        valid: &ValidPairSpec,
+        epoch: u64,
+        peer: &mut Peer,
+    ) -> Next {
+        let now = SystemTime::now();
+        let requested = pair.annotations().get(SYNC_REQUEST_ANNOTATION).cloned();
+        let request_pending = requested.is_some() && requested != status.last_sync_request;
+        let Some(schedule) = self.schedule.as_mut() else {
+            return Next::Wait(TICK);
+        };
+        let due = schedule.next_start(self.last_capture, now);
+        // While a Migration owns the pair, only its requested (final) sync runs.
+        let migrating = status.phase == Some(PairPhase::Migrating);
+        if !request_pending && (migrating || now < due || now < self.retry_at) {
+            return Next::Wait(TICK);
+        }
+        let generation = peer
+            .committed
+            .unwrap_or(0)
+            .max(status.generation.map(|g| g.0).unwrap_or(0))
+            + 1;
+        let span = tracing::info_span!("sync", pair = %self.key, generation, epoch);
+        let started = SystemTime::now();
+        let result = tracing::Instrument::instrument(
+            sync_once(
+                &self.ctx,
+                &mut peer.client,
+                pair,
+                &self.key,
+                valid,
+                generation,
+                epoch,
+            ),
+            span,
+        )
+        .await;
+        let (peer_name, endpoint) = (peer.name.clone(), peer.endpoint.clone());
+        match result {
+            Ok((report, capture_time)) => {
+                self.violated = false;
+                self.last_capture = Some(capture_time);
+                let duration = SystemTime::now()
+                    .duration_since(started)
+                    .unwrap_or_default();
+                if let Some(schedule) = self.schedule.as_mut() {
+                    schedule.record(duration);
+                }
+                let blocks: u64 = report.volumes.values().map(|v| v.blocks_scanned).sum();
+                self.ctx.metrics.observe_sync(
+                    &self.labels,
+                    duration.as_secs_f64(),
+                    report.bytes_shipped,
+                    blocks,
+                );
+                let lag = SystemTime::now()
+                    .duration_since(capture_time)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                self.last_lag_written = lag;
+                let shipped = report.bytes_shipped + report.base_index_bytes;
+                let mut fields = json!({
+                    "generation": generation,
+                    "lastSyncTime": rfc3339(SystemTime::now()),
+                    "lastCaptureTime": rfc3339(capture_time),
+                    "lastSyncDurationSeconds": (duration.as_secs_f64() * 1000.0).round() / 1000.0,
+                    "lastSyncBytes": shipped,
+                    "currentLagSeconds": (lag * 10.0).round() / 10.0,
+                    "rpoMet": lag <= valid.rpo.as_secs_f64(),
+                    "observedGeneration": pair.metadata.generation,
+                });
+                if request_pending {
+                    fields["lastSyncRequest"] = json!(requested);
+                }
+                if !migrating {
+                    fields["phase"] = json!("Replicating");
+                }
+                let of_index = if report.base_index_bytes > 0 {
+                    format!(
+                        " (of which {} bytes of {peer_name}'s index of its diverged seed)",
+                        report.base_index_bytes
+                    )
+                } else {
+                    String::new()
+                };
+                let rpo = valid.rpo.as_secs();
+                self.status(
+                    fields,
+                    vec![
+                        (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer_name}: {shipped} bytes in {:.1}s{of_index}", duration.as_secs_f64())),
+                        (T::PeerReachable, S::True, R::PeerResponding, format!("replicator of site {peer_name} at {endpoint}")),
+                        (T::RpoMet, S::True, R::WithinRpo, format!("lag {lag:.0}s, rpo {rpo}s")),
+                        (T::Ready, S::True, R::Protected, format!("generation {generation} is complete at {peer_name}")),
+                    ],
+                )
+                .await;
+                tracing::info!(pair = %self.key, generation, bytes = report.bytes_shipped, seconds = duration.as_secs_f64(), "generation shipped");
+            }
+            Err(message) => {
+                self.retry_at = SystemTime::now() + RETRY;
+                tracing::warn!(pair = %self.key, generation, error = %message, "sync failed");
+                self.ctx
+                    .status
+                    .event(pair, true, "SyncFailed", "Sync", message.clone())
+                    .await;
+                let phase = if migrating {
+                    json!({})
+                } else if peer.committed.is_some() {
+                    json!({"phase": "Degraded"})
+                } else {
+                    json!({"phase": "Initializing"})
+                };
+                self.status(phase, vec![(T::Synced, S::False, R::SyncFailed, message)])
+                    .await;
+            }
+        }
+        Next::Wait(Duration::ZERO)
+    }
+
+    /// Writes status (fields and conditions); a failure is logged, counted and kept for
+    /// [`Worker::flush_status`].
+    async fn status(&mut self, fields: Value, conditions: Vec<ConditionSet>) {
+        let (mut all_fields, mut all_conditions) = self.unwritten.take().unwrap_or_default();
+        if let Value::Object(fields) = fields {
+            all_fields.extend(fields);
+        }
+        for set in conditions {
+            all_conditions.retain(|(t, ..)| *t != set.0);
+            all_conditions.push(set);
+        }
+        let result = self
+            .ctx
+            .status
+            .apply(
+                &self.key.namespace,
+                &self.key.name,
+                Value::Object(all_fields.clone()),
+                &all_conditions,
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(pair = %self.key, error = %e, "writing DRPair status; retrying next tick");
+            self.ctx.metrics.status_write_failed(&self.labels);
+            self.unwritten = Some((all_fields, all_conditions));
+        }
+    }
+
+    /// Sends a status write that failed earlier, if any.
+    async fn flush_status(&mut self) {
+        if self.unwritten.is_some() {
+            self.status(json!({}), Vec::new()).await;
+        }
+    }
+
+    async fn wait_for_spec_change(&self, generation: Option<i64>) {
+        let changed =
+            move |p: Option<&DRPair>| p.is_none_or(|p| p.metadata.generation != generation);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            kube::runtime::wait::await_condition(self.api.clone(), &self.key.name, changed),
+        )
+        .await;
+    }
+}
