@@ -111,6 +111,10 @@ wire_enum! {
         /// `Ready=False`: this site lost its witness lease or learned a newer epoch; the app
         /// is scaled to zero here (fenced).
         Fenced = "Fenced",
+        /// `Ready=False`: the pair selects objects or PVCs that a DRPair created before it in
+        /// the namespace already protects; it does not replicate. The message names that pair
+        /// and the shared objects.
+        OverlapsPair = "OverlapsPair",
         /// `StandbyApplied=True`: the newest generation's manifests are applied, parked.
         StandbyCurrent = "StandbyCurrent",
         /// `StandbyApplied=False`: applying a generation's manifests at the destination

@@ -51,21 +51,35 @@ pub const DEFAULT_RETAIN_GENERATIONS: u32 = 3;
     )
 )]
 #[serde(rename_all = "camelCase")]
+// Checked at admission by the API server (CEL, Kubernetes 1.29+); the controller checks again.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.primarySite != self.secondarySite",
+    "message": "must differ from spec.primarySite",
+    "fieldPath": ".secondarySite"
+}]))]
 pub struct DRPairSpec {
     /// Selects the application's objects (workloads, PVCs, ConfigMaps,
     /// Secrets, Services...) in this namespace. Must not be empty.
     pub selector: LabelSelector,
     /// Name of the Site the application normally runs on.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub primary_site: String,
     /// Name of the Site that receives the replicas; must differ from primarySite.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = 253))]
     pub secondary_site: String,
     /// Recovery point objective: the most data, as time, the pair may lose.
     /// Ferry syncs often enough that the newest complete generation at the
     /// destination is never older than this. Integer and unit pairs without
     /// spaces: 30s, 5m, 1h30m, 500ms (units ns, us, ms, s, m, h, d). At least 10s.
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    // CEL's duration() has no `d` unit; anything in days is well above the minimum.
+    #[schemars(
+        regex(pattern = DURATION_PATTERN),
+        length(max = 32),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.contains('d') || duration(self) >= duration('10s')",
+            "message": "must be at least 10s"
+        }])
+    )]
     pub rpo: String,
     /// Names of the PersistentVolumeClaims to replicate. Omitted: every PVC
     /// matched by the selector, Filesystem and Block mode alike. Empty list:
@@ -337,6 +351,10 @@ wire_enum! {
         /// The spec is invalid or a permanent error stopped replication; the
         /// Ready condition's message says why.
         Error = "Error",
+        /// At a site holding the pair's copy: no generation arrived for longer than
+        /// `spec.rpo`, so the source is silent (lost, partitioned or stopped);
+        /// `currentLagSeconds` keeps growing and `RPOMet` is `False`.
+        Stale = "Stale",
     }
 }
 

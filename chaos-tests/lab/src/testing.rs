@@ -9,6 +9,11 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{conditions, wait::await_condition};
+use kube::{Api, Client, ResourceExt};
+
 /// A lab directory whose sites and witnesses are stopped when this drops, pass or panic
 /// (`ferry-lab down`), so no test leaves processes behind.
 #[derive(Debug)]
@@ -95,4 +100,32 @@ pub fn checksum(path: &Path) -> String {
         }
     }
     hasher.finalize().to_hex().to_string()
+}
+
+/// Applies Ferry's CRDs (`ferry_schemas::crd::all_crds`) and waits until each is Established.
+///
+/// # Panics
+/// When the API server refuses a CRD or does not establish it within 30 s.
+pub async fn install_ferry_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in ferry_schemas::crd::all_crds() {
+        crds.patch(
+            &crd.name_any(),
+            &PatchParams::apply("ferry-lab-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CRD {} refused: {e}", crd.name_any()));
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(
+                crds.clone(),
+                &crd.name_any(),
+                conditions::is_crd_established(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("CRD {} not established in 30 s", crd.name_any()))
+        .unwrap();
+    }
 }

@@ -322,3 +322,56 @@ async fn a_refused_standby_apply_is_named_on_the_dr_sites_pair_on_kubernetes() {
     e2e::sync_now(&a, "allowed").await;
     standby("True", "applied here, parked").await;
 }
+
+/// What the API server can check alone is refused at admission on the real control plane
+/// (CEL rules in the CRD), naming the field: an rpo under 10 s, a pair whose two sites are the
+/// same. The lab's own API server does not evaluate CEL (docs/lab.md); the replicator and the
+/// controller check both again either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_kube_kit,
+    ignore = "the Kubernetes control-plane kit is missing (FERRY_LAB_KUBE_BIN and etcd; .ci/run provides both)"
+)]
+async fn an_invalid_pair_is_refused_at_admission_naming_the_field_on_kubernetes() {
+    let settings = kubernetes_for_test(
+        "an_invalid_pair_is_refused_at_admission_naming_the_field_on_kubernetes",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    e2e::up(&lab.0, "a", &["--bare"], &settings);
+    let client = ferry_lab::site::client_from(&lab.0.join("a/kubeconfig"))
+        .await
+        .unwrap();
+    ferry_lab::testing::install_ferry_crds(&client).await;
+    let pairs: Api<DRPair> = Api::namespaced(client.clone(), "default");
+    let pair = |name: &str, rpo: &str, secondary: &str| -> DRPair {
+        serde_json::from_value(json!({
+            "apiVersion": "ferry.dev/v1alpha1", "kind": "DRPair",
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "primarySite": "a", "secondarySite": secondary, "rpo": rpo}
+        }))
+        .unwrap()
+    };
+    let refused = |result: Result<DRPair, kube::Error>| match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            status.message
+        }
+        other => panic!("expected 422 Invalid, got {other:?}"),
+    };
+    let pp = kube::api::PostParams::default();
+    let message = refused(pairs.create(&pp, &pair("fast", "5s", "b")).await);
+    assert!(
+        message.contains("spec.rpo") && message.contains("must be at least 10s"),
+        "{message}"
+    );
+    let message = refused(pairs.create(&pp, &pair("same", "30s", "a")).await);
+    assert!(
+        message.contains("spec.secondarySite") && message.contains("must differ"),
+        "{message}"
+    );
+    // At the minimum, and in days (which CEL's duration() cannot read), a pair is accepted.
+    pairs.create(&pp, &pair("ten", "10s", "b")).await.unwrap();
+    pairs.create(&pp, &pair("daily", "1d", "b")).await.unwrap();
+}

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{unique_ns, Site};
 use ferry_runtime::{Component, ConditionSet, PairStatus};
 use ferry_schemas::conditions::{
@@ -16,10 +14,8 @@ use ferry_schemas::conditions::{
 use ferry_schemas::DRPair;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{conditions, wait::await_condition};
-use kube::{Client, ResourceExt};
+use kube::api::{Api, ListParams, PostParams};
+use kube::Client;
 use serde_json::json;
 
 /// Writes per component: enough for the two writers' reads and writes to interleave (the
@@ -27,27 +23,7 @@ use serde_json::json;
 const ROUNDS: usize = 100;
 
 async fn install_pair(client: &Client) -> (String, DRPair) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ferry_schemas::crd::all_crds() {
-        crds.patch(
-            &crd.name_any(),
-            &PatchParams::apply("status-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("CRD applied");
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(
-                crds.clone(),
-                &crd.name_any(),
-                conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .expect("CRD established in time")
-        .unwrap();
-    }
+    ferry_lab::testing::install_ferry_crds(client).await;
     let ns = unique_ns("status");
     let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
     Api::<Namespace>::all(client.clone())

@@ -71,6 +71,7 @@ pub(super) fn rfc3339(t: SystemTime) -> String {
 pub async fn run(ctx: SiteContext) {
     let pairs: Api<DRPair> = Api::all(ctx.client.clone());
     let workers: Arc<Mutex<HashMap<PairKey, tokio::task::JoinHandle<()>>>> = Arc::default();
+    let views: Arc<Mutex<HashMap<PairKey, tokio::task::JoinHandle<()>>>> = Arc::default();
     let mut events = watcher(pairs, watcher::Config::default()).boxed();
     while let Some(event) = events.next().await {
         let objects = match event {
@@ -92,6 +93,12 @@ pub async fn run(ctx: SiteContext) {
                 .and_then(|s| s.active_site.clone())
                 .unwrap_or_else(|| pair.spec.primary_site.clone());
             if active != ctx.site {
+                // This site holds the pair's copy: keep its own view of the lag current.
+                let mut running = views.lock().unwrap_or_else(|p| p.into_inner());
+                if running.get(&key).is_none_or(|w| w.is_finished()) {
+                    let task = super::dr_view::run(ctx.clone(), key.clone());
+                    running.insert(key, tokio::spawn(task));
+                }
                 continue;
             }
             let mut running = workers.lock().unwrap_or_else(|p| p.into_inner());

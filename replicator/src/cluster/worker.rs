@@ -352,6 +352,9 @@ impl Worker {
         if !request_pending && (migrating || now < due || now < self.retry_at) {
             return Next::Wait(TICK);
         }
+        if let Some(next) = self.refuse_overlap(pair).await {
+            return next;
+        }
         let generation = peer
             .committed
             .unwrap_or(0)
@@ -454,6 +457,42 @@ impl Worker {
         Next::Wait(Duration::ZERO)
     }
 
+    /// Refuses to sync a pair that selects objects an earlier pair of the namespace protects
+    /// (`Ready=False`, `OverlapsPair`, an Event); checked before each sync, as either pair's
+    /// selector or the namespace's objects may change.
+    async fn refuse_overlap(&mut self, pair: &DRPair) -> Option<Next> {
+        let (other, shared) = match overlap(&self.ctx.client, pair).await {
+            Ok(found) => found?,
+            Err(e) => {
+                // The sync's own capture reports a failing listing; do not hold it here.
+                tracing::warn!(pair = %self.key, error = %e, "checking for overlapping pairs");
+                return None;
+            }
+        };
+        let message = format!(
+            "selects what DRPair {other} (created first) already protects: {}; this pair does not replicate until they no longer overlap",
+            shared.join(", ")
+        );
+        let was = pair.status.as_ref().and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == T::Ready.as_str())
+                .map(|c| c.reason.clone())
+        });
+        if was.as_deref() != Some(R::OverlapsPair.as_str()) {
+            self.ctx
+                .status
+                .event(pair, true, "OverlapsPair", "Validate", message.clone())
+                .await;
+        }
+        self.status(
+            json!({"phase": "Error"}),
+            vec![(T::Ready, S::False, R::OverlapsPair, message)],
+        )
+        .await;
+        Some(Next::Wait(RETRY * 6))
+    }
+
     /// Writes status (fields and conditions); a failure is logged, counted and kept for
     /// [`Worker::flush_status`].
     async fn status(&mut self, fields: Value, conditions: Vec<ConditionSet>) {
@@ -498,4 +537,65 @@ impl Worker {
         )
         .await;
     }
+}
+
+/// The first DRPair of `pair`'s namespace created before it (by `creationTimestamp`, then
+/// name) that protects some of the same objects or PVCs, with those objects (`Kind ns/name`).
+///
+/// # Errors
+/// A capture's listing error, as text.
+async fn overlap(
+    client: &kube::Client,
+    pair: &DRPair,
+) -> Result<Option<(String, Vec<String>)>, String> {
+    let namespace = pair.namespace().unwrap_or_default();
+    let order = |p: &DRPair| {
+        (
+            p.metadata.creation_timestamp.clone().map(|t| t.0),
+            p.name_any(),
+        )
+    };
+    let mine_order = order(pair);
+    let pairs: Api<DRPair> = Api::namespaced(client.clone(), &namespace);
+    let earlier: Vec<DRPair> = pairs
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none() && order(p) < mine_order)
+        .collect();
+    if earlier.is_empty() {
+        return Ok(None);
+    }
+    let protected = |p: &DRPair| {
+        let p = p.clone();
+        let namespace = namespace.clone();
+        async move {
+            let app = ferry_manifests::capture(client, &namespace, &p.spec.selector)
+                .await
+                .map_err(|e| e.to_string())?;
+            let claims = p.spec.volumes.clone().unwrap_or(app.pvcs);
+            let mut keys: std::collections::BTreeSet<String> = app
+                .objects
+                .iter()
+                .map(|o| ferry_manifests::ObjectKey::of(o).to_string())
+                .collect();
+            keys.extend(
+                claims
+                    .iter()
+                    .map(|c| format!("PersistentVolumeClaim {namespace}/{c}")),
+            );
+            Ok::<_, String>(keys)
+        }
+    };
+    let mine = protected(pair).await?;
+    for other in &earlier {
+        let theirs = protected(other).await?;
+        let shared: Vec<String> = mine.intersection(&theirs).cloned().collect();
+        if !shared.is_empty() {
+            return Ok(Some((other.name_any(), shared)));
+        }
+    }
+    Ok(None)
 }
