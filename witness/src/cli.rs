@@ -44,6 +44,10 @@ pub struct Args {
     /// Snapshot and compact the raft log every this many entries.
     #[arg(long, default_value_t = 500)]
     pub snapshot_every: u64,
+    /// Shifts this witness's wall clock (`+2s`, `-1500ms`): clock skew for fault-injection
+    /// tests; leave unset in production.
+    #[arg(long, value_parser = crate::clock::parse_offset_ms, allow_hyphen_values = true)]
+    pub clock_offset: Option<i64>,
 }
 
 /// Parses `id=host:port`.
@@ -83,6 +87,10 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()>) -> anyhow::Resu
     cfg.snapshot_every = args.snapshot_every;
     cfg.join = args.join;
     cfg.keep_entries = (args.snapshot_every / 5).max(1);
+    if let Some(offset_ms) = args.clock_offset {
+        tracing::warn!(offset_ms, "witness clock shifted (--clock-offset)");
+        cfg.clock = crate::clock::SystemClock::with_offset_ms(offset_ms).shared();
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

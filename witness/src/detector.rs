@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::clock::SharedClock;
 use crate::rule::{evaluate, RuleConfig, SiteView, Verdict};
 use crate::state::{Command, WitnessState};
 
@@ -27,18 +28,26 @@ pub struct Detector {
     id: u64,
     rule: RuleConfig,
     views: Arc<Mutex<BTreeMap<String, SiteView>>>,
+    clock: SharedClock,
     started_ms: i64,
     proposed: HashMap<String, Instant>,
 }
 
 impl Detector {
-    /// A detector for witness `id`, reading heartbeat soft state from `views`.
-    pub fn new(id: u64, rule: RuleConfig, views: Arc<Mutex<BTreeMap<String, SiteView>>>) -> Self {
+    /// A detector for witness `id`, reading heartbeat soft state from `views` and the time
+    /// from `clock` (heartbeats are stamped with the same clock by [`crate::service`]).
+    pub fn new(
+        id: u64,
+        rule: RuleConfig,
+        views: Arc<Mutex<BTreeMap<String, SiteView>>>,
+        clock: SharedClock,
+    ) -> Self {
         Detector {
             id,
             rule,
             views,
-            started_ms: crate::node::now_ms(),
+            started_ms: clock.now_ms(),
+            clock,
             proposed: HashMap::new(),
         }
     }
@@ -53,16 +62,17 @@ impl Detector {
         }
     }
 
-    /// The commands to propose at `now_ms` (Unix ms) / `now` (monotonic), given the applied
-    /// `state`, whether this node leads, and the number of voters.
+    /// The commands to propose now (the detector's clock, Unix ms), given the applied `state`,
+    /// whether this node leads, and the number of voters. `now` (monotonic) only throttles
+    /// repeated proposals.
     pub fn tick(
         &mut self,
         state: &WitnessState,
         is_leader: bool,
         voters: usize,
-        now_ms: i64,
         now: Instant,
     ) -> Vec<Command> {
+        let now_ms = self.clock.now_ms();
         let views = self.views.lock().map(|v| v.clone()).unwrap_or_default();
         let mut out = Vec::new();
         let mut sites: BTreeSet<String> = views.keys().cloned().collect();

@@ -4,13 +4,14 @@
 //!
 //! Shaped like raft-rs: [`storage`] (sled-backed `raft::Storage`), [`node`] (the one Ready
 //! loop), [`state`] (the replicated state machine), [`rule`] (when a pair may fail over),
-//! [`detector`] (heartbeats to suspicion and decisions), [`transport`] (raft messages between
+//! [`detector`] (heartbeats to suspicion and decisions), [`clock`] (the one wall-clock seam), [`transport`] (raft messages between
 //! witnesses), [`service`] (the `Witness` gRPC API), [`server`] (runs it all), [`client`]
 //! (what site controllers use; the `ferry-witness-client` crate), [`cli`] (the `ferry-witness` command line). Consensus follows
 //! the Raft paper (Ongaro and Ousterhout, 2014) as implemented by raft-rs; the lease and
 //! fencing argument is in `docs/failover.md`.
 
 pub mod cli;
+pub mod clock;
 pub use ferry_witness_client as client;
 pub mod detector;
 pub mod logger;

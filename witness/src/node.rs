@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
@@ -30,6 +30,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
+use crate::clock::{SharedClock, SystemClock};
 use crate::detector::Detector;
 use crate::logger;
 use crate::rule::{RuleConfig, SiteView};
@@ -57,6 +58,8 @@ pub struct NodeConfig {
     pub keep_entries: u64,
     /// The failover rule's tunables.
     pub rule: RuleConfig,
+    /// The wall clock every site-facing decision reads (default: the system clock).
+    pub clock: SharedClock,
 }
 
 impl NodeConfig {
@@ -71,6 +74,7 @@ impl NodeConfig {
             snapshot_every: 500,
             keep_entries: 100,
             rule,
+            clock: SystemClock::default().shared(),
         }
     }
 }
@@ -135,6 +139,8 @@ pub(crate) enum Input {
     },
     Unreachable(u64),
     SnapshotDone(u64, bool),
+    /// Ends the node thread (the server is shutting down); storage is closed on the way out.
+    Stop,
 }
 
 /// How long a proposal or read waits before it is answered with [`QuorumError::Timeout`]
@@ -156,6 +162,8 @@ pub struct NodeHandle {
     tx: Sender<Input>,
     published: watch::Receiver<Published>,
     views: Arc<Mutex<BTreeMap<String, SiteView>>>,
+    clock: SharedClock,
+    detections: watch::Receiver<u64>,
 }
 
 impl NodeHandle {
@@ -172,6 +180,23 @@ impl NodeHandle {
     /// A receiver that changes whenever the node publishes.
     pub fn subscribe(&self) -> watch::Receiver<Published> {
         self.published.clone()
+    }
+
+    /// The node's wall clock (Unix ms), the one every site-facing decision reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Counts the failure detector's rounds (one every five raft ticks): a test that must
+    /// show that nothing happens waits for rounds to pass, not for time.
+    pub fn detections(&self) -> watch::Receiver<u64> {
+        self.detections.clone()
+    }
+
+    /// Stops the node thread. Proposals and reads after this fail with
+    /// [`QuorumError::Stopped`].
+    pub fn stop(&self) {
+        let _ = self.tx.send(Input::Stop);
     }
 
     /// Heartbeat soft state, shared with the failure detector.
@@ -228,14 +253,6 @@ impl NodeHandle {
     }
 }
 
-/// Wall clock, Unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Starts the node thread. Outgoing raft messages go to `outbox` (see [`crate::transport`]).
 ///
 /// # Errors
@@ -276,13 +293,16 @@ pub fn start(
     let (tx, rx) = std::sync::mpsc::channel();
     let (pub_tx, pub_rx) = watch::channel(Published::default());
     let views = Arc::new(Mutex::new(BTreeMap::new()));
+    let (detections, detections_rx) = watch::channel(0u64);
     let handle = NodeHandle {
         id: cfg.id,
         tx,
         published: pub_rx,
         views: views.clone(),
+        clock: cfg.clock.clone(),
+        detections: detections_rx,
     };
-    let detector = Detector::new(cfg.id, cfg.rule, views);
+    let detector = Detector::new(cfg.id, cfg.rule, views, cfg.clock.clone());
     let mut runner = Runner {
         id: cfg.id,
         node,
@@ -297,6 +317,7 @@ pub fn start(
         membership: HashMap::new(),
         next_id: rand::random::<u64>() >> 16,
         detector,
+        detections,
     };
     runner.publish();
     std::thread::Builder::new()
@@ -330,6 +351,7 @@ struct Runner {
     membership: HashMap<u64, MembershipWaiter>,
     next_id: u64,
     detector: Detector,
+    detections: watch::Sender<u64>,
 }
 
 impl Runner {
@@ -339,12 +361,16 @@ impl Runner {
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
+                Ok(Input::Stop) => return,
                 Ok(input) => self.handle(input),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             // Drain what else is queued before one Ready: batching keeps flushes few.
             while let Ok(input) = rx.try_recv() {
+                if matches!(input, Input::Stop) {
+                    return;
+                }
                 self.handle(input);
             }
             if Instant::now() >= next_tick {
@@ -433,6 +459,7 @@ impl Runner {
                 }
             }
             Input::Unreachable(peer) => self.node.report_unreachable(peer),
+            Input::Stop => {} // handled by the loop
             Input::SnapshotDone(peer, ok) => {
                 let status = if ok {
                     SnapshotStatus::Finish
@@ -633,9 +660,9 @@ impl Runner {
     fn detect(&mut self) {
         let voters = self.node.raft.prs().conf().voters().ids().len();
         let is_leader = self.node.raft.state == StateRole::Leader;
-        let proposals =
-            self.detector
-                .tick(&self.state, is_leader, voters, now_ms(), Instant::now());
+        let proposals = self
+            .detector
+            .tick(&self.state, is_leader, voters, Instant::now());
         for command in proposals {
             let id = self.fresh_id();
             let env = Envelope {
@@ -648,6 +675,7 @@ impl Runner {
                 tracing::debug!(witness = self.id, error = %e, "detector proposal dropped");
             }
         }
+        self.detections.send_modify(|n| *n += 1);
     }
 
     fn expire_waiters(&mut self) {

@@ -25,7 +25,8 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
 }
 
-/// Starts witness `cfg.id` and serves on `listener` until `shutdown` resolves. `on_start`
+/// Starts witness `cfg.id` and serves on `listener` until `shutdown` resolves, then stops the
+/// node thread and the raft router. `on_start`
 /// receives the node handle once the node runs (tests use it to observe the node).
 ///
 /// # Errors
@@ -41,7 +42,7 @@ pub async fn serve(
     let rule = cfg.rule;
     let peers = cfg.peers.clone();
     let node = node::start(cfg, outbox_tx)?;
-    tokio::spawn(transport::route(
+    let router = tokio::spawn(transport::route(
         node.clone(),
         outbox_rx,
         peers,
@@ -53,11 +54,15 @@ pub async fn serve(
         .add_service(
             RaftPeerServer::new(PeerService::new(node.clone())).max_decoding_message_size(64 << 20),
         )
-        .add_service(WitnessServer::new(WitnessService::new(node, rule)))
+        .add_service(WitnessServer::new(WitnessService::new(node.clone(), rule)))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;
+    // The router and the node thread hold each other's channels: end both explicitly, so a
+    // witness stopped in-process releases its port, its sled lock and its peers.
+    router.abort();
+    node.stop();
     Ok(())
 }

@@ -17,7 +17,7 @@ use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::node::{now_ms, NodeHandle, QuorumError};
+use crate::node::{NodeHandle, QuorumError};
 use crate::rule::{other_site, Report, RuleConfig, SiteView};
 use crate::state::{
     Applied, Command, DecisionRecord, Mode, Outcome, PairConfig, PairRecord, Refusal,
@@ -125,7 +125,7 @@ impl Witness for WitnessService {
         let req = request.into_inner();
         let site = required("site", &req.site)?.to_string();
         let view = SiteView {
-            last_heard_ms: Some(now_ms()),
+            last_heard_ms: Some(self.node.clock().now_ms()),
             reports: req
                 .pairs
                 .iter()
@@ -210,7 +210,7 @@ impl Witness for WitnessService {
             pair: req.pair.clone(),
             site: req.site.clone(),
             epoch: req.epoch,
-            at_ms: now_ms(),
+            at_ms: self.node.clock().now_ms(),
             duration_ms: req.duration_ms,
         };
         let pair = pair_of(self.propose(command).await?)?;
@@ -234,7 +234,7 @@ impl Witness for WitnessService {
         required("pair", &req.pair)?;
         required("from_site", &req.from_site)?;
         required("to_site", &req.to_site)?;
-        let now = now_ms();
+        let now = self.node.clock().now_ms();
         let command = Command::Move {
             pair: req.pair.clone(),
             expected_epoch: req.epoch,
@@ -273,7 +273,7 @@ impl Witness for WitnessService {
         } else {
             req.to_site.clone()
         };
-        let now = now_ms();
+        let now = self.node.clock().now_ms();
         let views = self
             .node
             .views()

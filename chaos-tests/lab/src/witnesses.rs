@@ -230,6 +230,7 @@ pub async fn serve(dir: &Path, id: u64) -> Result<()> {
         skew_margin: Duration::from_millis(record.settings.skew_margin_ms),
         join: false,
         snapshot_every: 500,
+        clock_offset: None,
     };
     let result = ferry_witness::cli::run(args, ferry_witness::cli::shutdown_signal()).await;
     links.abort();
