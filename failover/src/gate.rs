@@ -39,7 +39,9 @@
 //! ```
 //!
 //! The service account needs `get` on `leases` in the app's namespace, and `delete` on `pods`
-//! for the sidecar.
+//! for the sidecar. With `get` on `drpairs.ferry.dev` too, a pair that was deleted (its Lease
+//! removed by the controller) opens the gate and stops the fencing: the app is no longer
+//! protected and runs as any other; without that permission the gate stays closed.
 
 use std::time::{Duration, SystemTime};
 
@@ -109,7 +111,21 @@ fn check(lease: Option<&Lease>, now: SystemTime) -> Result<SystemTime, Closed> {
     }
 }
 
-async fn wait_open(client: &Client, namespace: &str, pair: &str) -> SystemTime {
+/// Whether the DRPair is known not to exist (deleted with its Lease): the app is then not
+/// protected, and nothing is fenced. An error (including 403, when the pod's service account
+/// may not read DRPairs) counts as "exists", so the gate stays closed.
+async fn pair_deleted(client: &Client, namespace: &str, pair: &str) -> bool {
+    matches!(
+        Api::<ferry_schemas::DRPair>::namespaced(client.clone(), namespace)
+            .get_opt(pair)
+            .await,
+        Ok(None)
+    )
+}
+
+/// Waits until this site may run the app: the instant its lease ends, or `None` when the
+/// DRPair no longer exists (unprotected: nothing to wait for).
+async fn wait_open(client: &Client, namespace: &str, pair: &str) -> Option<SystemTime> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let name = lease_name(pair);
     let mut last: Option<Closed> = None;
@@ -119,7 +135,8 @@ async fn wait_open(client: &Client, namespace: &str, pair: &str) -> SystemTime {
             Err(e) => Err(Closed::Unreachable(e.to_string())),
         };
         match verdict {
-            Ok(until) => return until,
+            Ok(until) => return Some(until),
+            Err(Closed::NoLease) if pair_deleted(client, namespace, pair).await => return None,
             Err(closed) => {
                 if last.as_ref() != Some(&closed) {
                     eprintln!("ferry-gate: {namespace}/{pair}: {closed}");
@@ -133,8 +150,14 @@ async fn wait_open(client: &Client, namespace: &str, pair: &str) -> SystemTime {
 
 /// Watches the Lease until this site may no longer run the app, then deletes pod `pod`
 /// (graceful deletion: the kubelet stops the app; its workload controller creates a new pod,
-/// which waits in the init gate). Returns why.
-async fn watch_until_closed(client: &Client, namespace: &str, pair: &str, pod: &str) -> Closed {
+/// which waits in the init gate). Returns why, or `None` when the lease ended because the
+/// DRPair was deleted (the app is no longer protected and keeps running).
+async fn watch_until_closed(
+    client: &Client,
+    namespace: &str,
+    pair: &str,
+    pod: &str,
+) -> Option<Closed> {
     let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let name = lease_name(pair);
     let mut known_until: Option<SystemTime> = None;
@@ -153,6 +176,9 @@ async fn watch_until_closed(client: &Client, namespace: &str, pair: &str, pod: &
         }
         tokio::time::sleep(POLL).await;
     };
+    if closed == Closed::NoLease && pair_deleted(client, namespace, pair).await {
+        return None;
+    }
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
     // Until the pod is marked for deletion (an API outage may outlast the lease).
     while let Err(e) = pods.delete(pod, &Default::default()).await {
@@ -162,7 +188,7 @@ async fn watch_until_closed(client: &Client, namespace: &str, pair: &str, pod: &
         eprintln!("ferry-gate: deleting pod {namespace}/{pod}: {e}");
         tokio::time::sleep(POLL).await;
     }
-    closed
+    Some(closed)
 }
 
 /// Runs the command line `args` (the first is the program name); returns the exit code.
@@ -193,7 +219,22 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             }
         };
         let run = async {
-            let until = wait_open(&client, &cli.namespace, &cli.pair).await;
+            let unprotected = || {
+                println!(
+                    "ferry-gate: {}/{}: the DRPair does not exist: Ferry no longer protects this app; {}",
+                    cli.namespace,
+                    cli.pair,
+                    if cli.watch { "not fencing it" } else { "starting the app" }
+                )
+            };
+            let Some(until) = wait_open(&client, &cli.namespace, &cli.pair).await else {
+                unprotected();
+                if cli.watch {
+                    // A native sidecar must keep running; it has nothing left to do.
+                    std::future::pending::<()>().await;
+                }
+                return;
+            };
             println!(
                 "ferry-gate: {}/{}: this site holds the witness lease until {}; {}",
                 cli.namespace,
@@ -206,11 +247,16 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                 }
             );
             if let (true, Some(pod)) = (cli.watch, &cli.pod) {
-                let closed = watch_until_closed(&client, &cli.namespace, &cli.pair, pod).await;
-                println!(
-                    "ferry-gate: {}/{}: {closed}; deleted pod {pod} to stop the app here",
-                    cli.namespace, cli.pair
-                );
+                match watch_until_closed(&client, &cli.namespace, &cli.pair, pod).await {
+                    Some(closed) => println!(
+                        "ferry-gate: {}/{}: {closed}; deleted pod {pod} to stop the app here",
+                        cli.namespace, cli.pair
+                    ),
+                    None => {
+                        unprotected();
+                        std::future::pending::<()>().await;
+                    }
+                }
             }
         };
         tokio::select! {

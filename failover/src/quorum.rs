@@ -120,6 +120,7 @@ async fn tick(
         .list(&ListParams::default())
         .await?
         .items;
+    forget_deleted(ctx, &pairs, leases).await?;
     let mut reports = Vec::new();
     for pair in &pairs {
         let key = pair_key(pair);
@@ -246,6 +247,29 @@ async fn tick(
             continue;
         }
         renew(ctx, quorum, status, pair, local_epoch, lease, conditions).await?;
+    }
+    Ok(())
+}
+
+/// Drops the Lease of every pair that is gone from this site (deleted, or its namespace with
+/// it), so nothing of it stays behind. The app's `ferry-gate` reads a missing DRPair as an
+/// unprotected app (`crate::gate`), so this does not stop it.
+async fn forget_deleted(
+    ctx: &Context,
+    pairs: &[DRPair],
+    leases: &mut HashMap<String, PairLease>,
+) -> Result<(), kube::Error> {
+    let present: std::collections::HashSet<String> = pairs.iter().map(pair_key).collect();
+    let gone: Vec<String> = leases
+        .keys()
+        .filter(|k| !present.contains(*k))
+        .cloned()
+        .collect();
+    for key in gone {
+        let (namespace, name) = key.split_once('/').unwrap_or_default();
+        crate::lease::revoke(&ctx.client, namespace, name).await?;
+        leases.remove(&key);
+        tracing::info!(pair = %key, "pair deleted; its Lease removed");
     }
     Ok(())
 }

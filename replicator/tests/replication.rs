@@ -247,3 +247,98 @@ async fn corrupt_chunks_are_rerequested_and_stale_epochs_refused() {
     );
     dest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_pair_is_kept_or_removed_and_a_superseded_site_cannot_release_it() {
+    use ferry_schemas::proto::replication::{PairRef, ReleasePolicy, ReleaseRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (src_tls, dst_tls) = tls_pair();
+    let dest = TestDestination::start(&dir.path().join("dst"), &dst_tls).await;
+    let mut rpc = client(dest.addr, &src_tls);
+    let hashes = HashStore::open(dir.path().join("hashes")).unwrap();
+    let tree = dir.path().join("tree");
+    let image = dir.path().join("disk.img");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    make_tree(&tree, &mut rng);
+    make_image(&image, &mut rng);
+    ship(
+        &mut rpc,
+        &hashes,
+        &request(1, 2),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let release = |epoch: u64, policy: ReleasePolicy| ReleaseRequest {
+        pair: Some(PairRef {
+            namespace: "shop".into(),
+            name: "db".into(),
+        }),
+        epoch,
+        source_site: "a".into(),
+        policy: policy as i32,
+        reason: "DRPair deleted at site a".into(),
+    };
+
+    // A site behind the destination's epoch was superseded: it cannot remove the copy.
+    let refused = rpc
+        .release(release(1, ReleasePolicy::Delete))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().starts_with("stale epoch 1"),
+        "{}",
+        refused.message()
+    );
+    assert!(dest.replicas.pair_dir(&pair()).exists());
+
+    // Retain keeps everything and says what.
+    let kept = rpc
+        .release(release(2, ReleasePolicy::Retain))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.generations_kept, vec![1]);
+    assert!(kept.removed.is_empty());
+    let g1 = |v: &str| dest.replicas.generation_path(&pair(), 1, v);
+    assert_eq!(checksum(&g1("disk")), checksum(&image));
+    assert_eq!(dest.destination.record(&pair()).unwrap().committed.len(), 1);
+
+    // Delete removes the copy and the journal's record; asking again is a no-op.
+    let removed = rpc
+        .release(release(2, ReleasePolicy::Delete))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(removed.generations_kept.is_empty());
+    assert_eq!(removed.removed.len(), 1, "{:?}", removed.removed);
+    assert!(!dest.replicas.pair_dir(&pair()).exists());
+    let record = dest.destination.record(&pair()).unwrap();
+    assert!(
+        record.committed.is_empty() && record.epoch == 0,
+        "{record:?}"
+    );
+    let again = rpc
+        .release(release(2, ReleasePolicy::Delete))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.removed.is_empty());
+
+    // A pair created again replicates from scratch: a full copy, exact.
+    let hashes = HashStore::open(dir.path().join("hashes-again")).unwrap();
+    let report = ship(
+        &mut rpc,
+        &hashes,
+        &request(1, 1),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.volumes.values().all(|v| v.full_copy));
+    assert_eq!(checksum(&g1("files")), checksum(&tree));
+    dest.stop().await;
+}

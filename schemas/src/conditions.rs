@@ -124,6 +124,14 @@ wire_enum! {
         /// `StandbyApplied=False`: `spec.standby` is `Stored` (cold standby): nothing is
         /// applied here until a migration or failover.
         StandbyStored = "StandbyStored",
+        /// `Ready=False` at the site holding the copy: the pair was deleted at its active
+        /// site with `deletionPolicy: Retain`; the message names that site and the
+        /// generations kept here.
+        Detached = "Detached",
+        /// `Ready=False` at the active site, while the DRPair is being deleted: the other
+        /// site could not be told (the message names it and the error); the finalizer
+        /// stays until it can, or until the release-without-peer annotation is set.
+        PeerReleasePending = "PeerReleasePending",
     }
 }
 

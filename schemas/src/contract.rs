@@ -12,6 +12,14 @@
 /// committed.
 pub const SYNC_REQUEST_ANNOTATION: &str = "ferry.dev/sync-request";
 
+/// Finalizer the replicator puts on a DRPair at its active site, so that deleting the pair
+/// first tells the other site (which retains or deletes its copy, `spec.deletionPolicy`).
+pub const PEER_RELEASE_FINALIZER: &str = "ferry.dev/peer-release";
+
+/// Annotation on a DRPair being deleted: `"true"` lets the deletion finish without telling
+/// the other site (unreachable, or gone for good). The copy there is then left as it is.
+pub const RELEASE_WITHOUT_PEER_ANNOTATION: &str = "ferry.dev/release-without-peer";
+
 /// Label on every replica object (snapshot, manifests Secret, staging PVC) and mover pod:
 /// the DRPair's name.
 pub const PAIR_LABEL: &str = "ferry.dev/pair";

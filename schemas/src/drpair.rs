@@ -104,6 +104,12 @@ pub struct DRPairSpec {
     #[serde(default = "default_retain_generations")]
     #[schemars(range(min = 1))]
     pub retain_generations: u32,
+    /// What deleting the DRPair at its active site does to the copy at the other site:
+    /// `Retain` (default) keeps every generation there and marks that site's DRPair
+    /// `Detached`; `Delete` removes the copy at both sites. Deleting the app's namespace
+    /// always retains.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
 }
 
 fn default_retain_generations() -> u32 {
@@ -263,6 +269,22 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// What deleting a DRPair at its active site does to the pair's copy at the other site
+    /// (`spec.deletionPolicy`), after the `persistentVolumeReclaimPolicy` of a
+    /// PersistentVolume.
+    #[derive(Default)]
+    pub enum DeletionPolicy {
+        /// The other site keeps its generations (snapshots, manifests, staging volumes)
+        /// and its DRPair, marked `Detached`: still usable by a Failover Migration there.
+        #[default]
+        Retain = "Retain",
+        /// Both sites remove everything Ferry made for the pair: replica PVCs,
+        /// VolumeSnapshots, manifests Secrets, movers, Leases and the other site's DRPair.
+        Delete = "Delete",
+    }
+}
+
 /// Commands run in the application's pods around each capture.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -355,6 +377,10 @@ wire_enum! {
         /// `spec.rpo`, so the source is silent (lost, partitioned or stopped);
         /// `currentLagSeconds` keeps growing and `RPOMet` is `False`.
         Stale = "Stale",
+        /// At a site holding the pair's copy: the pair was deleted at its active site with
+        /// `deletionPolicy: Retain`. The generations here are kept and nothing more arrives;
+        /// a Failover Migration here can still start the app from them.
+        Detached = "Detached",
     }
 }
 

@@ -50,6 +50,7 @@ pub fn drpair(name: &str, namespace: &str) -> DRPairBuilder {
         hooks: None,
         failover: Default::default(),
         retain_generations: crate::drpair::DEFAULT_RETAIN_GENERATIONS,
+        deletion_policy: Default::default(),
     };
     let mut pair = DRPair::new(name, spec);
     pair.metadata.namespace = Some(namespace.to_owned());

@@ -95,6 +95,7 @@ pub fn objects(protection: &Protection) -> Vec<Value> {
         objects.insert(1, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE, "labels": {"app": PAIR}},
             "rules": [
                 {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get"]},
+                {"apiGroups": ["ferry.dev"], "resources": ["drpairs"], "verbs": ["get"]},
                 {"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]},
             ]}));
         objects.insert(2, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ferry-gate", "namespace": NAMESPACE, "labels": {"app": PAIR}},

@@ -411,19 +411,7 @@ async fn manual_mode_fails_over_only_on_a_migration_and_only_with_a_quorum() {
         .create(&Default::default(), &failover("by-hand-2"))
         .await
         .unwrap();
-    let done = eventually("the second request carried out", || async {
-        let m = migrations
-            .get("by-hand-2")
-            .await
-            .map_err(|e| e.to_string())?;
-        let s = m.status.clone().unwrap_or_default();
-        match s.phase.map(|p| p.as_str().to_string()).as_deref() {
-            Some("Completed") => Ok(s),
-            Some("Failed") => panic!("manual failover failed: {:?}", s.conditions),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let done = e2e::completed_migration(&b, "by-hand-2").await;
     println!(
         "manual failover: epoch {:?}, generation {:?}, rtoSeconds {:?}, dataLossSeconds {:?}",
         done.epoch, done.generation, done.rto_seconds, done.data_loss_seconds

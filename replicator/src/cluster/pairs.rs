@@ -14,12 +14,15 @@ use serde_json::json;
 use ferry_schemas::conditions::{
     ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
 };
+use ferry_schemas::contract::PEER_RELEASE_FINALIZER;
 use ferry_schemas::DRPair;
 
 use super::capture::capture_generation;
 use super::movers::MoverPods;
 use crate::delta::HashStore;
-use crate::destination::{CommittedGeneration, DestinationObserver, PairKey, Rejection, SiteView};
+use crate::destination::{
+    CommittedGeneration, DestinationObserver, PairKey, Rejection, Release, SiteView,
+};
 use crate::metrics::{Metrics, PairLabels};
 use crate::source::{ship, Faults, ShipRequest};
 use crate::tls::TlsMaterial;
@@ -93,6 +96,13 @@ pub async fn run(ctx: SiteContext) {
                 .and_then(|s| s.active_site.clone())
                 .unwrap_or_else(|| pair.spec.primary_site.clone());
             if active != ctx.site {
+                if pair.metadata.deletion_timestamp.is_some() {
+                    let (ctx, key) = (ctx.clone(), key.clone());
+                    tokio::spawn(async move {
+                        super::deletion::release_copy(&ctx, &pair, &key).await;
+                    });
+                    continue;
+                }
                 // This site holds the pair's copy: keep its own view of the lag current.
                 let mut running = views.lock().unwrap_or_else(|p| p.into_inner());
                 if running.get(&key).is_none_or(|w| w.is_finished()) {
@@ -261,8 +271,91 @@ impl SiteObserver {
     }
 }
 
+impl SiteObserver {
+    /// `Retain`: the DRPair copy says it is detached, with what it keeps.
+    async fn detach(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
+        let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
+        let Some(object) = api
+            .get_opt(&pair.name)
+            .await
+            .map_err(|e| format!("reading DRPair {pair}: {e}"))?
+        else {
+            // No generation ever arrived here: nothing to mark.
+            return Ok(Vec::new());
+        };
+        let kept = release
+            .kept
+            .iter()
+            .map(|g| g.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let message = format!(
+            "{} (deletionPolicy Retain): nothing more arrives; generations [{kept}] are kept here, and a Failover Migration here can still start the app from them",
+            release.reason
+        );
+        self.status
+            .apply(
+                &pair.namespace,
+                &pair.name,
+                json!({"phase": "Detached"}),
+                &[(T::Ready, S::False, R::Detached, message.clone())],
+            )
+            .await
+            .map_err(|e| format!("writing DRPair {pair} status: {e}"))?;
+        self.status
+            .event(&object, false, "Detached", "Release", message)
+            .await;
+        Ok(Vec::new())
+    }
+
+    /// `Delete`: the DRPair copy goes. A parked standby (`spec.standby: Applied`) is the
+    /// app's own objects, which Ferry applies but never deletes: they stay, and the Event
+    /// says so.
+    async fn remove(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
+        let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
+        let Some(object) = api
+            .get_opt(&pair.name)
+            .await
+            .map_err(|e| format!("reading DRPair {pair}: {e}"))?
+        else {
+            return Ok(Vec::new());
+        };
+        let parked = object.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == T::StandbyApplied.as_str() && c.status == S::True.as_str())
+        });
+        if parked {
+            let message = format!(
+                "{} (deletionPolicy Delete): the copy here is removed; the parked standby's objects are the app's and stay (delete them if unwanted)",
+                release.reason
+            );
+            self.status
+                .event(&object, false, "StandbyLeftInPlace", "Release", message)
+                .await;
+        }
+        // A copy that was once the active one still carries the finalizer.
+        ferry_runtime::finalizer::remove(&api, &object, PEER_RELEASE_FINALIZER)
+            .await
+            .map_err(|e| format!("removing the finalizer of DRPair {pair}: {e}"))?;
+        match api.delete(&pair.name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(format!("deleting DRPair {pair}: {e}")),
+        }
+        Ok(vec![format!("DRPair {}", pair.name)])
+    }
+}
+
 #[tonic::async_trait]
 impl DestinationObserver for SiteObserver {
+    async fn released(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
+        match release.policy {
+            ferry_schemas::drpair::DeletionPolicy::Retain => self.detach(pair, release).await,
+            ferry_schemas::drpair::DeletionPolicy::Delete => self.remove(pair, release).await,
+        }
+    }
+
     async fn site_view(&self, pair: &PairKey) -> Option<SiteView> {
         let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
         let status = api.get_opt(&pair.name).await.ok().flatten()?.status?;

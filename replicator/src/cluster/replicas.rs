@@ -253,6 +253,50 @@ impl ReplicaStore for KubeReplicas {
         }
         Ok(())
     }
+
+    async fn remove_pair(&self, pair: &PairKey) -> Result<Vec<String>, ReplicaError> {
+        // Everything the destination made carries the pair and replica-role labels: staging
+        // PVCs, generation and seed VolumeSnapshots, manifests Secrets. Snapshots go first,
+        // so that no snapshot outlives the claim a restore would need to know it by.
+        let selector = format!("{PAIR_LABEL}={},{ROLE_LABEL}={REPLICA_ROLE}", pair.name);
+        let ns = &pair.namespace;
+        self.movers.stop(ns, &pair.name, "destination").await?;
+        let mut removed = Vec::new();
+        for (name, _) in list_snapshots(&self.client, ns, &selector).await? {
+            delete_snapshot(&self.client, ns, &name).await?;
+            removed.push(format!("VolumeSnapshot {name}"));
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let listed = secrets
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| ReplicaError::Kube(format!("listing manifests Secrets in {ns}: {e}")))?;
+        for secret in listed.items {
+            let name = secret.metadata.name.unwrap_or_default();
+            match secrets.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Err(ReplicaError::Kube(format!(
+                        "deleting manifests Secret {ns}/{name}: {e}"
+                    )))
+                }
+            }
+            removed.push(format!("Secret {name}"));
+        }
+        let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+            Api::namespaced(self.client.clone(), ns);
+        let listed = claims
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|e| ReplicaError::Kube(format!("listing replica PVCs in {ns}: {e}")))?;
+        for claim in listed.items {
+            let name = claim.metadata.name.unwrap_or_default();
+            delete_claim(&self.client, ns, &name).await?;
+            removed.push(format!("PersistentVolumeClaim {name}"));
+        }
+        Ok(removed)
+    }
 }
 
 impl std::fmt::Debug for KubeReplicas {

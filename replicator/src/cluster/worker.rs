@@ -3,8 +3,9 @@
 //! Each tick goes through the same steps, each either handing the next one what it found or
 //! ending the tick with what to do instead ([`Next`]):
 //!
-//! 1. [`Worker::ensure_active`]: the pair exists, is not being deleted, is active here and not
-//!    fenced;
+//! 1. [`Worker::ensure_active`]: the pair exists, is active here and not fenced, and carries
+//!    the peer-release finalizer; a pair being deleted is finalized instead
+//!    ([`super::deletion`]);
 //! 2. [`Worker::ensure_valid`]: the spec passes validation (else `Ready=False InvalidSpec`
 //!    and a wait for the spec to change);
 //! 3. [`Worker::ensure_initialised`]: `status.activeSite` and `status.epoch` are set;
@@ -130,8 +131,8 @@ impl Worker {
 
     async fn ensure_active(&self) -> Result<(DRPair, DRPairStatus), Next> {
         let pair = match self.api.get_opt(&self.key.name).await {
-            Ok(Some(pair)) if pair.metadata.deletion_timestamp.is_none() => pair,
-            Ok(_) => return Err(Next::Stop),
+            Ok(Some(pair)) => pair,
+            Ok(None) => return Err(Next::Stop),
             Err(e) => {
                 tracing::warn!(pair = %self.key, error = %e, "reading DRPair");
                 return Err(Next::Wait(RETRY));
@@ -144,8 +145,13 @@ impl Worker {
             .unwrap_or_else(|| pair.spec.primary_site.clone());
         if active != self.ctx.site {
             tracing::info!(pair = %self.key, active, "pair is no longer active here; stop shipping");
+            super::deletion::release_copy(&self.ctx, &pair, &self.key).await;
             return Err(Next::Stop);
         }
+        if pair.metadata.deletion_timestamp.is_some() {
+            return Err(super::deletion::finalize(&self.ctx, &self.api, &pair, &self.key).await);
+        }
+        super::deletion::ensure_finalizer(&self.api, &pair, &self.key).await;
         if status.phase == Some(PairPhase::Fenced) {
             // The controller fenced this site (witness lease lost): ship nothing until it
             // holds the lease again.
@@ -529,8 +535,11 @@ impl Worker {
     }
 
     async fn wait_for_spec_change(&self, generation: Option<i64>) {
-        let changed =
-            move |p: Option<&DRPair>| p.is_none_or(|p| p.metadata.generation != generation);
+        let changed = move |p: Option<&DRPair>| {
+            p.is_none_or(|p| {
+                p.metadata.generation != generation || p.metadata.deletion_timestamp.is_some()
+            })
+        };
         let _ = tokio::time::timeout(
             Duration::from_secs(30),
             kube::runtime::wait::await_condition(self.api.clone(), &self.key.name, changed),

@@ -651,6 +651,35 @@ impl HashStore {
         self.flush(key)
     }
 
+    /// Removes the index of every volume of `pair` (the pair was deleted) and flushes;
+    /// returns how many were removed.
+    ///
+    /// # Errors
+    /// [`IndexError::RemoveIndex`] or [`IndexError::FlushIndex`] (keyed `pair/*`).
+    pub fn remove_pair(&self, pair: &str) -> Result<usize, IndexError> {
+        let all = VolumeKey::new(pair, "*");
+        let prefix = VolumeKey::new(pair, "").store_key();
+        let keys: Vec<sled::IVec> = self
+            .db
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| IndexError::RemoveIndex {
+                key: all.clone(),
+                source,
+            })?;
+        for key in &keys {
+            self.db
+                .remove(key)
+                .map_err(|source| IndexError::RemoveIndex {
+                    key: all.clone(),
+                    source,
+                })?;
+        }
+        self.flush(&all)?;
+        Ok(keys.len())
+    }
+
     fn flush(&self, key: &VolumeKey) -> Result<(), IndexError> {
         self.db
             .flush()
@@ -786,6 +815,35 @@ mod tests {
         store.remove(&key).unwrap();
         store.remove(&key).unwrap();
         assert!(matches!(store.load(&key).unwrap(), LoadedIndex::Missing));
+    }
+
+    #[test]
+    fn removing_a_pair_removes_its_volumes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = HashStore::open(dir.path()).unwrap();
+        let mine = [
+            VolumeKey::new("shop/db", "data"),
+            VolumeKey::new("shop/db", "logs"),
+        ];
+        // Same bytes as a prefix, other pairs: "shop/db" + "x..." and "shop/dbx".
+        let others = [
+            VolumeKey::new("shop/dbx", "data"),
+            VolumeKey::new("shop/d", "bdata"),
+        ];
+        for key in mine.iter().chain(&others) {
+            store.save(key, &sample_image_index(1)).unwrap();
+        }
+        assert_eq!(store.remove_pair("shop/db").unwrap(), 2);
+        for key in &mine {
+            assert!(matches!(store.load(key).unwrap(), LoadedIndex::Missing));
+        }
+        for key in &others {
+            assert!(
+                matches!(store.load(key).unwrap(), LoadedIndex::Found(_)),
+                "{key}"
+            );
+        }
+        assert_eq!(store.remove_pair("shop/db").unwrap(), 0);
     }
 
     #[test]

@@ -121,4 +121,14 @@ impl Journal {
         self.db.flush().map_err(|e| self.storage(e))?;
         Ok(())
     }
+
+    /// Forgets `pair` (deleted with `deletionPolicy: Delete`) and flushes.
+    ///
+    /// # Errors
+    /// [`JournalError::Storage`]; the record then still stands.
+    pub fn remove(&self, pair: &str) -> Result<(), JournalError> {
+        self.db.remove(pair).map_err(|e| self.storage(e))?;
+        self.db.flush().map_err(|e| self.storage(e))?;
+        Ok(())
+    }
 }

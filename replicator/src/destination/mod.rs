@@ -8,4 +8,4 @@ pub mod service;
 
 pub use journal::{CommittedGeneration, Journal, JournalError, PairRecord};
 pub use replicas::{LocalReplicas, PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
-pub use service::{Destination, DestinationObserver, NoObserver, Rejection, SiteView};
+pub use service::{Destination, DestinationObserver, NoObserver, Rejection, Release, SiteView};

@@ -123,6 +123,11 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Deletes copies and manifests of every generation of `pair` not in `keep`.
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError>;
 
+    /// Deletes everything kept for `pair` (the pair was deleted with `deletionPolicy:
+    /// Delete`): staging volumes, every generation's copies and manifests, seeds, movers.
+    /// Returns what was removed, as `Kind name`. Removing a pair with nothing left succeeds.
+    async fn remove_pair(&self, pair: &PairKey) -> Result<Vec<String>, ReplicaError>;
+
     /// The newest **seed** of `pair`, if any: copies this site did not receive but holds
     /// anyway, because the app ran here (see [`Seed`]). Adopting a seed lets the first sync
     /// back be a delta.
@@ -293,6 +298,15 @@ impl ReplicaStore for LocalReplicas {
             }
         }
         Ok(())
+    }
+
+    async fn remove_pair(&self, pair: &PairKey) -> Result<Vec<String>, ReplicaError> {
+        let dir = self.pair_dir(pair);
+        if tokio::fs::symlink_metadata(&dir).await.is_err() {
+            return Ok(Vec::new());
+        }
+        remove_any(&dir).await?;
+        Ok(vec![format!("directory {}", dir.display())])
     }
 }
 

@@ -13,10 +13,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use ferry_schemas::drpair::DeletionPolicy;
 use ferry_schemas::proto::replication::{
     chunk_ack, replication_server::Replication, BaseIndexRequest, BaseIndexResponse, BeginRequest,
-    BeginResponse, ChunkAck, ChunkMessage, CommitRequest, CommitResponse, StateRequest,
-    StateResponse, SyncHeader, VolumeResume,
+    BeginResponse, ChunkAck, ChunkMessage, CommitRequest, CommitResponse, ReleasePolicy,
+    ReleaseRequest, ReleaseResponse, StateRequest, StateResponse, SyncHeader, VolumeResume,
 };
 use tokio::sync::{mpsc, Mutex};
 use tokio_stream::wrappers::ReceiverStream;
@@ -63,6 +64,30 @@ pub trait DestinationObserver: Send + Sync + 'static {
         _manifests_json: &[u8],
     ) {
     }
+    /// The pair was deleted at its active site and this site's copy is being released under
+    /// `release.policy` (called before the store removes anything). With `Retain` the site
+    /// marks its DRPair `Detached`; with `Delete` it removes what else it made (its DRPair
+    /// copy, a parked standby) and returns those objects as `Kind name`.
+    ///
+    /// # Errors
+    /// A message naming the object that could not be updated or removed; the source keeps
+    /// its finalizer and asks again.
+    async fn released(&self, _pair: &PairKey, _release: &Release) -> Result<Vec<String>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// A pair released by its active site (the `Release` RPC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// The site the pair was deleted at.
+    pub source_site: String,
+    /// What happens to the copy here.
+    pub policy: DeletionPolicy,
+    /// Why, for conditions and Events ("DRPair deleted", "namespace deleted").
+    pub reason: String,
+    /// Generations still held here (empty after `Delete`), newest first.
+    pub kept: Vec<u64>,
 }
 
 /// What a destination's site records of a pair: its epoch and the site active at it.
@@ -320,6 +345,94 @@ impl Destination {
         Ok(BaseIndexResponse {
             generation: newest.generation,
             index: postcard::to_stdvec(&index).map_err(|e| internal("encoding the index", e))?,
+        })
+    }
+
+    /// Retains or deletes this site's copy of a pair its active site deleted. Refused under
+    /// an epoch older than this site knows (a superseded site cannot remove the copy of the
+    /// site that replaced it) and at the pair's active site. Idempotent.
+    async fn release_pair(&self, request: ReleaseRequest) -> Result<ReleaseResponse, Status> {
+        let pair = request
+            .pair
+            .ok_or_else(|| Status::invalid_argument("pair: required"))?;
+        let key = PairKey {
+            namespace: pair.namespace,
+            name: pair.name,
+        };
+        if request.source_site.is_empty() {
+            return Err(Status::invalid_argument("source_site: required"));
+        }
+        let policy = match ReleasePolicy::try_from(request.policy) {
+            Ok(ReleasePolicy::Retain) => DeletionPolicy::Retain,
+            Ok(ReleasePolicy::Delete) => DeletionPolicy::Delete,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "policy: unknown value {}",
+                    request.policy
+                )))
+            }
+        };
+        let record = self
+            .journal
+            .load(&key.to_string())
+            .map_err(|e| internal("journal", e))?;
+        let site = self.observer.site_view(&key).await.unwrap_or_default();
+        let known = record.epoch.max(site.epoch);
+        if request.epoch < known {
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {} for pair {key}: this site knows epoch {known}; site {} is no longer the active site and cannot release this copy",
+                request.epoch, request.source_site
+            )));
+        }
+        if site.active_here && site.epoch >= request.epoch {
+            return Err(Status::failed_precondition(format!(
+                "pair {key} is active at this site (epoch {}); site {} cannot release it",
+                site.epoch, request.source_site
+            )));
+        }
+        // A sync that was under way is abandoned: nothing more arrives for the pair.
+        self.live.lock().await.remove(&key);
+        self.replicas
+            .release(&key)
+            .await
+            .map_err(|e| internal("stopping movers", e))?;
+        let kept: Vec<u64> = match policy {
+            DeletionPolicy::Retain => record.committed.iter().map(|g| g.generation).collect(),
+            DeletionPolicy::Delete => Vec::new(),
+        };
+        let release = Release {
+            source_site: request.source_site.clone(),
+            policy,
+            reason: request.reason.clone(),
+            kept: kept.clone(),
+        };
+        // The site's part first (its DRPair copy), then the store's: a failure anywhere
+        // leaves the journal as it was, so the source's retry finds the pair again.
+        let mut removed = self
+            .observer
+            .released(&key, &release)
+            .await
+            .map_err(Status::internal)?;
+        if policy == DeletionPolicy::Delete {
+            removed.extend(
+                self.replicas
+                    .remove_pair(&key)
+                    .await
+                    .map_err(|e| internal("removing the replicas", e))?,
+            );
+            if let Some(hashes) = &self.hashes {
+                hashes
+                    .remove_pair(&key.to_string())
+                    .map_err(|e| internal("removing block indexes", e))?;
+            }
+            self.journal
+                .remove(&key.to_string())
+                .map_err(|e| internal("journal", e))?;
+        }
+        tracing::info!(pair = %key, from = %request.source_site, policy = %policy, kept = ?kept, removed = removed.len(), "pair released by its active site");
+        Ok(ReleaseResponse {
+            generations_kept: kept,
+            removed,
         })
     }
 
@@ -705,6 +818,15 @@ impl Replication for Destination {
         request: Request<BaseIndexRequest>,
     ) -> Result<Response<BaseIndexResponse>, Status> {
         self.scan_base(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        self.release_pair(request.into_inner())
             .await
             .map(Response::new)
     }

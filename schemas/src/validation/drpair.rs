@@ -40,6 +40,8 @@ pub struct ValidPairSpec {
     pub failover: ValidFailover,
     /// Complete generations kept at each destination (at least one).
     pub retain_generations: NonZeroU32,
+    /// What deleting the pair does to the copy at the other site.
+    pub deletion_policy: crate::drpair::DeletionPolicy,
 }
 
 /// Which PersistentVolumeClaims a pair replicates.
@@ -178,6 +180,7 @@ impl DRPairSpec {
                 hooks,
                 failover,
                 retain_generations,
+                deletion_policy: self.deletion_policy,
             }),
             _ => Err(errors),
         }

@@ -199,3 +199,22 @@ pub fn condition(
         .find(|c| c.type_ == type_)
         .cloned()
 }
+
+/// Waits until Migration `name` at the site of `client` completes and returns its status;
+/// panics with its conditions if it fails.
+pub async fn completed_migration(
+    client: &kube::Client,
+    name: &str,
+) -> ferry_schemas::migration::MigrationStatus {
+    let migrations: kube::Api<ferry_schemas::Migration> = kube::Api::namespaced(client.clone(), NS);
+    eventually(&format!("Migration {name} completed"), || async {
+        let m = migrations.get(name).await.map_err(|e| e.to_string())?;
+        let s = m.status.clone().unwrap_or_default();
+        match s.phase.map(|p| p.as_str().to_string()).as_deref() {
+            Some("Completed") => Ok(s),
+            Some("Failed") => panic!("Migration {name} failed: {:?}", s.conditions),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
