@@ -83,7 +83,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let status = PairStatus::new(client.clone(), &args.site, Component::Replicator);
     let destination = Destination::new(
         journal,
-        Arc::new(KubeReplicas::new(client.clone(), movers.clone())),
+        Arc::new(KubeReplicas::new(
+            client.clone(),
+            movers.clone(),
+            status.clone(),
+        )),
         Arc::new(SiteObserver {
             site: args.site.clone(),
             status: status.clone(),

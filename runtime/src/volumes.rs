@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client};
@@ -23,6 +24,10 @@ pub enum VolumeError {
     /// A step did not finish within [`VOLUME_TIMEOUT`].
     #[error("timed out {0}")]
     Timeout(String),
+    /// A PVC could not grow: its StorageClass does not allow expansion (or the API server
+    /// refused for another reason it names).
+    #[error("{0}")]
+    NotExpandable(String),
 }
 
 /// How long a VolumeSnapshot may take to become ready, or a PVC to go away.
@@ -172,6 +177,77 @@ pub async fn create_claim(
         .await
         .map(|_| ())
         .map_err(kube_error(format!("creating PVC {namespace}/{name}")))
+}
+
+/// Grows PVC `name` to `capacity` (a resource quantity such as `128Mi`) when it requests less,
+/// and waits until its `status.capacity` says so (the CSI resizer is done). Returns the
+/// request it had before, or `None` when it already requested at least `capacity`. Follows
+/// "Expanding Persistent Volumes Claims" in the Kubernetes docs: the API server refuses the
+/// change unless the claim's StorageClass has `allowVolumeExpansion: true`.
+///
+/// # Errors
+/// [`VolumeError::NotExpandable`] naming the claim, the sizes and the StorageClass when the API
+/// server refuses; [`VolumeError::Kube`] for other API errors or an unreadable size;
+/// [`VolumeError::Timeout`] when the resize does not finish.
+pub async fn expand_claim(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    capacity: &str,
+) -> Result<Option<String>, VolumeError> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let bytes = |q: &str| {
+        crate::quantity::parse_quantity(q)
+            .map_err(|e| VolumeError::Kube(format!("PVC {namespace}/{name}: {e}")))
+    };
+    let want = bytes(capacity)?;
+    let pvc = api
+        .get(name)
+        .await
+        .map_err(kube_error(format!("reading PVC {namespace}/{name}")))?;
+    let requested = ClaimShape::of(&pvc).capacity;
+    if bytes(&requested)? >= want {
+        return Ok(None);
+    }
+    let class = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.clone())
+        .unwrap_or_default();
+    let patch = json!({"spec": {"resources": {"requests": {"storage": capacity}}}});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => {
+            return Err(VolumeError::NotExpandable(format!(
+                "PVC {namespace}/{name} cannot grow from {requested} to {capacity}: StorageClass {class:?} does not allow volume expansion (allowVolumeExpansion), or the claim is not bound: {}",
+                e.message
+            )));
+        }
+        Err(e) => {
+            return Err(kube_error(format!(
+                "expanding PVC {namespace}/{name} to {capacity}"
+            ))(e))
+        }
+    }
+    let grown = move |p: Option<&PersistentVolumeClaim>| {
+        p.and_then(|p| p.status.as_ref())
+            .and_then(|s| s.capacity.as_ref())
+            .and_then(|c| c.get("storage"))
+            .and_then(|q| crate::quantity::parse_quantity(&q.0).ok())
+            .is_some_and(|b| b >= want)
+    };
+    tokio::time::timeout(VOLUME_TIMEOUT, await_condition(api, name, grown))
+        .await
+        .map_err(|_| {
+            VolumeError::Timeout(format!(
+                "for PVC {namespace}/{name} to grow to {capacity} (StorageClass {class:?})"
+            ))
+        })?
+        .map_err(|e| VolumeError::Kube(format!("watching PVC {namespace}/{name}: {e}")))?;
+    Ok(Some(requested))
 }
 
 /// Deletes PVC `name` (if present) and waits until it is gone.

@@ -24,21 +24,7 @@ const T: Duration = Duration::from_secs(60);
 const NS: &str = "web";
 
 async fn create(client: &Client, object: Value) {
-    let api_version = object["apiVersion"].as_str().unwrap().to_string();
-    let kind = object["kind"].as_str().unwrap().to_string();
-    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
-    let (resource, caps) =
-        kube::discovery::pinned_kind(client, &GroupVersionKind::gvk(group, version, &kind))
-            .await
-            .unwrap();
-    let api: Api<DynamicObject> = match caps.scope {
-        kube::discovery::Scope::Namespaced => Api::namespaced_with(client.clone(), NS, &resource),
-        kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
-    };
-    let object: DynamicObject = serde_json::from_value(object).unwrap();
-    api.create(&PostParams::default(), &object)
-        .await
-        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+    e2e::create_object(client, NS, object).await
 }
 
 async fn volume_path(client: &Client, claim: &str) -> PathBuf {

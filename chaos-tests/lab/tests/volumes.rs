@@ -276,7 +276,7 @@ async fn claims_are_provisioned_and_bound_and_classes_exist() {
         assert_eq!(class.provisioner, CSI_DRIVER);
         assert_eq!(class.reclaim_policy.as_deref(), Some("Delete"));
         assert_eq!(class.volume_binding_mode.as_deref(), Some("Immediate"));
-        assert_eq!(class.allow_volume_expansion, Some(false));
+        assert_eq!(class.allow_volume_expansion, Some(true));
         assert_eq!(
             class
                 .annotations()
@@ -1024,6 +1024,81 @@ async fn snapshots_wait_for_unbound_claims_and_bind_preprovisioned_contents() {
         .await;
         assert!(contents.get_opt("imported").await.unwrap().is_some());
         assert!(imported.join("a.txt").exists());
+        lab.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bound_claims_grow_only_up_and_only_where_their_class_allows() {
+    bounded(async {
+        let lab = Lab::start().await;
+        lab.claim("raw", VolumeMode::Block, "16Mi", None).await;
+        let (image, _) = lab.bound("raw").await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap()
+            .write_all_at(b"kept", 0)
+            .unwrap();
+        let resize = |size: &str| {
+            let claims = lab.claims();
+            let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
+            async move {
+                claims
+                    .patch("raw", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                    .await
+            }
+        };
+        // Down: refused, naming the field.
+        let Err(kube::Error::Api(e)) = resize("8Mi").await else {
+            panic!("shrinking a claim must be refused");
+        };
+        assert_eq!(e.code, 422);
+        assert!(
+            e.message.contains("spec.resources.requests.storage: Forbidden: field can not be less than previous value"),
+            "{}",
+            e.message
+        );
+        // Up, where the class allows it: the image grows, its data stays, the sizes say so.
+        resize("32Mi").await.unwrap();
+        eventually("raw grown to 32Mi", T, || async {
+            let pvc = lab.claims().get("raw").await.map_err(|e| e.to_string())?;
+            let capacity = pvc.status.and_then(|s| s.capacity).and_then(|c| c.get("storage").cloned());
+            (capacity.as_ref().map(|q| q.0.as_str()) == Some("32Mi"))
+                .then_some(())
+                .ok_or(format!("{capacity:?}"))
+        })
+        .await;
+        assert_eq!(std::fs::metadata(&image).unwrap().len(), 32 * MIB);
+        let mut head = [0u8; 4];
+        std::fs::File::open(&image).unwrap().read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"kept");
+        let volume = lab.claims().get("raw").await.unwrap().spec.unwrap().volume_name.unwrap();
+        let pv = Api::<PersistentVolume>::all(lab.client.clone()).get(&volume).await.unwrap();
+        assert_eq!(pv.spec.unwrap().capacity.unwrap()["storage"].0, "32Mi");
+        let said = Api::<Event>::namespaced(lab.client.clone(), &lab.ns)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| e.reason.as_deref() == Some("VolumeResizeSuccessful"));
+        assert!(said, "a VolumeResizeSuccessful Event");
+        // Where the class does not: 403 with the admission plugin's words.
+        Api::<StorageClass>::all(lab.client.clone())
+            .patch(
+                STORAGE_CLASS,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({"allowVolumeExpansion": false})),
+            )
+            .await
+            .unwrap();
+        let Err(kube::Error::Api(e)) = resize("64Mi").await else {
+            panic!("growing a claim of a class without expansion must be refused");
+        };
+        assert_eq!(e.code, 403);
+        assert!(e.message.contains("must support resize"), "{}", e.message);
         lab.stop().await;
     })
     .await;

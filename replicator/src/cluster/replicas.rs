@@ -5,7 +5,9 @@
 //! Secret because manifests include the app's Secrets).
 //!
 //! Failover and migration create the app's PVCs from a generation's snapshots, so a torn
-//! staging volume never touches a committed generation.
+//! staging volume never touches a committed generation. A source volume that grew makes its
+//! staging PVC grow (PVC expansion); where the StorageClass forbids that, the staging PVC is
+//! re-created at the new size from the newest generation's snapshot.
 
 use std::collections::BTreeMap;
 
@@ -26,7 +28,8 @@ use crate::delta::VolumeDigest;
 use crate::destination::{PairKey, ReplicaError, ReplicaStore, Seed, VolumeSpec};
 use crate::mover::MoverSession;
 use ferry_runtime::volumes::{
-    create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
+    create_claim, delete_claim, delete_snapshot, expand_claim, list_snapshots, snapshot_claim,
+    ClaimShape, VolumeError,
 };
 
 /// Replicas kept as PVCs, VolumeSnapshots and Secrets in the pair's namespace.
@@ -34,12 +37,18 @@ use ferry_runtime::volumes::{
 pub struct KubeReplicas {
     client: Client,
     movers: MoverPods,
+    status: ferry_runtime::PairStatus,
 }
 
 impl KubeReplicas {
-    /// Replicas through `client`, with movers started by `movers`.
-    pub fn new(client: Client, movers: MoverPods) -> Self {
-        Self { client, movers }
+    /// Replicas through `client`, with movers started by `movers`, reporting Events through
+    /// `status`.
+    pub fn new(client: Client, movers: MoverPods, status: ferry_runtime::PairStatus) -> Self {
+        Self {
+            client,
+            movers,
+            status,
+        }
     }
 
     fn labels(
@@ -62,6 +71,22 @@ impl KubeReplicas {
             labels.insert(VOLUME_LABEL.to_string(), v.to_string());
         }
         labels
+    }
+
+    /// Reports (log and a Warning Event on the pair's DRPair here) that a replica PVC could
+    /// not be expanded in place and is re-created from `base` instead.
+    async fn not_expandable(&self, pair: &PairKey, why: &str, base: Option<&str>) {
+        let from = base.map_or("empty (no committed generation yet)".to_string(), |b| {
+            format!("VolumeSnapshot {b}")
+        });
+        let message = format!("{why}; re-creating the replica at the new size from {from}");
+        tracing::warn!(pair = %pair, %message, "replica PVC not expandable");
+        let api: Api<ferry_schemas::DRPair> = Api::namespaced(self.client.clone(), &pair.namespace);
+        if let Ok(Some(object)) = api.get_opt(&pair.name).await {
+            self.status
+                .event(&object, true, "ReplicaNotExpandable", "Receive", message)
+                .await;
+        }
     }
 
     async fn ensure_namespace(&self, namespace: &str) -> Result<(), ReplicaError> {
@@ -97,6 +122,24 @@ impl ReplicaStore for KubeReplicas {
         .await
         .map_err(|e| ReplicaError::Kube(format!("reading PVC {}/{claim}: {e}", pair.namespace)))?
         .is_some();
+        let mut reset = reset;
+        if exists && !reset && !volume.capacity.is_empty() {
+            // The source volume grew: the replica grows with it before anything is written.
+            match expand_claim(&self.client, &pair.namespace, &claim, &volume.capacity).await {
+                Ok(Some(from)) => {
+                    tracing::info!(pair = %pair, claim, from, to = %volume.capacity, "replica PVC expanded");
+                }
+                Ok(None) => {}
+                Err(VolumeError::NotExpandable(why)) => {
+                    // The class cannot grow a volume in place: the replica is re-created at the
+                    // new size from the newest generation's snapshot instead (a copy inside the
+                    // storage; nothing more crosses the wire), and the pair's Event says so.
+                    self.not_expandable(pair, &why, base).await;
+                    reset = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         if reset || !exists {
             // Movers of an abandoned sync were released by the caller before staging began;
             // stopping movers here would also stop this sync's movers of other volumes.

@@ -80,6 +80,7 @@ impl From<ferry_runtime::volumes::VolumeError> for ReplicaError {
         match e {
             ferry_runtime::volumes::VolumeError::Kube(m) => Self::Kube(m),
             ferry_runtime::volumes::VolumeError::Timeout(m) => Self::Timeout(m),
+            ferry_runtime::volumes::VolumeError::NotExpandable(m) => Self::Kube(m),
         }
     }
 }

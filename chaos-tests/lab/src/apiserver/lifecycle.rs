@@ -132,6 +132,82 @@ pub fn admit_default_storage_class(
     Ok(())
 }
 
+/// The StorageClasses, read before a PersistentVolumeClaim update (the store is locked while
+/// the update is computed), for [`admit_claim_resize`]; empty for any other resource.
+///
+/// # Errors
+/// [`ApiError`] when the StorageClasses cannot be read.
+pub fn classes_for_resize(store: &Store, info: &ResourceInfo) -> Result<Vec<Value>, ApiError> {
+    if !(info.group.is_empty() && info.plural == "persistentvolumeclaims") {
+        return Ok(Vec::new());
+    }
+    let (classes, _) = store.list(&format!("{STORAGE_CLASSES}/"))?;
+    Ok(classes.into_iter().map(|(_, c)| c).collect())
+}
+
+/// A PersistentVolumeClaim's storage request may change only as the API server lets it:
+/// never down (422, `field can not be less than previous value`), up only for a bound claim
+/// (422 otherwise) whose StorageClass has `allowVolumeExpansion: true` (403, the
+/// PersistentVolumeClaimResize admission plugin's message). See "Expanding Persistent Volumes
+/// Claims" in the Kubernetes docs.
+///
+/// # Errors
+/// [`ApiError`] 422 or 403 as above.
+pub fn admit_claim_resize(
+    classes: &[Value],
+    info: &ResourceInfo,
+    old: &Value,
+    next: &Value,
+) -> Result<(), ApiError> {
+    if !(info.group.is_empty() && info.plural == "persistentvolumeclaims") {
+        return Ok(());
+    }
+    let request = |o: &Value| {
+        o["spec"]["resources"]["requests"]["storage"]
+            .as_str()
+            .and_then(|q| ferry_runtime::quantity::parse_quantity(q).ok())
+    };
+    let (Some(before), Some(after)) = (request(old), request(next)) else {
+        return Ok(());
+    };
+    if after == before {
+        return Ok(());
+    }
+    let name = name_of(old);
+    let field = "spec.resources.requests.storage";
+    if after < before {
+        return Err(errors::invalid_field(
+            "",
+            "PersistentVolumeClaim",
+            name,
+            field,
+            "Forbidden: field can not be less than previous value",
+        ));
+    }
+    if old["status"]["phase"] != "Bound" {
+        return Err(errors::invalid_field(
+            "",
+            "PersistentVolumeClaim",
+            name,
+            "spec",
+            "Forbidden: spec is immutable after creation except resources.requests and volumeAttributesClassName for bound claims",
+        ));
+    }
+    let class = old["spec"]["storageClassName"].as_str().unwrap_or_default();
+    let expandable = classes
+        .iter()
+        .any(|c| c["metadata"]["name"] == class && c["allowVolumeExpansion"] == json!(true));
+    if !expandable {
+        return Err(ApiError::forbidden(
+            "",
+            "persistentvolumeclaims",
+            name,
+            "only dynamically provisioned pvc can be resized and the storageclass that provisions the pvc must support resize",
+        ));
+    }
+    Ok(())
+}
+
 /// Kind-specific validation of built-in objects the lab relies on (CRDs must be well formed
 /// before they can be served).
 ///

@@ -512,11 +512,16 @@ pub fn update_with(
     f: impl FnOnce(&Value) -> Result<(Mutation, bool), ApiError>,
 ) -> Result<Value, ApiError> {
     let key = object_key(&info.storage_prefix(), namespace, name);
+    let classes = lifecycle::classes_for_resize(&state.store, info)?;
     let (stored, removed) = state
         .store
         .mutate(&key, &info.storage_prefix(), namespace, |old| {
             let old = old.ok_or_else(|| ApiError::not_found(&info.group, &info.plural, name))?;
-            f(&old)
+            let decided = f(&old)?;
+            if let (Mutation::Put(next), _) = &decided {
+                lifecycle::admit_claim_resize(&classes, info, &old, next)?;
+            }
+            Ok::<_, ApiError>(decided)
         })?;
     let stored = stored.ok_or_else(|| ApiError::not_found(&info.group, &info.plural, name))?;
     if removed {

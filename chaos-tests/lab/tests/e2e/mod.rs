@@ -218,3 +218,27 @@ pub async fn completed_migration(
     })
     .await
 }
+
+/// Creates `object` (any kind, found through discovery) at the site of `client`, in
+/// `namespace` when the kind is namespaced; panics naming the kind on refusal.
+pub async fn create_object(client: &kube::Client, namespace: &str, object: serde_json::Value) {
+    let api_version = object["apiVersion"].as_str().unwrap().to_string();
+    let kind = object["kind"].as_str().unwrap().to_string();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    let (resource, caps) = kube::discovery::pinned_kind(
+        client,
+        &kube::core::GroupVersionKind::gvk(group, version, &kind),
+    )
+    .await
+    .unwrap();
+    let api: kube::Api<kube::api::DynamicObject> = match caps.scope {
+        kube::discovery::Scope::Namespaced => {
+            kube::Api::namespaced_with(client.clone(), namespace, &resource)
+        }
+        kube::discovery::Scope::Cluster => kube::Api::all_with(client.clone(), &resource),
+    };
+    let object: kube::api::DynamicObject = serde_json::from_value(object).unwrap();
+    api.create(&Default::default(), &object)
+        .await
+        .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+}

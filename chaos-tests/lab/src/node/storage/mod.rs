@@ -23,7 +23,8 @@
 //!
 //! Differences from a real cluster: `Filesystem` volumes are plain directories without a size
 //! limit; there is no `kubernetes.io/pvc-protection` finalizer; only snapshots can be a data
-//! source (no PVC cloning); volumes never expand.
+//! source (no PVC cloning). Expansion ([`resize`], the CSI external-resizer's part) grows a
+//! bound claim's volume in one step, with no separate node expansion.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -54,11 +55,11 @@ use crate::control_plane::ControlPlane;
 
 mod events;
 mod provision;
-mod quantity;
+mod resize;
 
 pub use events::{EventKind, EventRecorder};
+pub use ferry_runtime::quantity::{format_quantity, parse_quantity, QuantityError};
 use provision::provision;
-pub use quantity::{format_quantity, parse_quantity, QuantityError};
 
 /// Field manager of the node's server-side applies and the `reportingComponent` of its Events.
 pub const FIELD_MANAGER: &str = "ferry-lab-node";
@@ -547,7 +548,7 @@ pub async fn ensure_classes(client: &Client) -> Result<(), StorageError> {
         "provisioner": CSI_DRIVER,
         "reclaimPolicy": "Delete",
         "volumeBindingMode": "Immediate",
-        "allowVolumeExpansion": false,
+        "allowVolumeExpansion": true,
     });
     Api::<StorageClass>::all(client.clone())
         .patch(STORAGE_CLASS, &params, &Patch::Apply(&class))
@@ -742,9 +743,13 @@ async fn ensure_claim_bound(
         if phase != Some("Bound") && spec.volume_name.is_none() && asked == Some(CSI_DRIVER) {
             provision(shared, pvc).await?;
         }
+        if phase == Some("Bound") {
+            resize::ensure_expanded(shared, pvc).await?;
+        }
         return Ok(Action::await_change());
     }
     if phase == Some("Bound") {
+        resize::ensure_expanded(shared, pvc).await?;
         return ensure_not_lost(shared, pvc).await;
     }
     let class = spec.storage_class_name.as_deref();
@@ -1139,71 +1144,6 @@ async fn delete_volume(shared: &Shared, pv: &PersistentVolume) -> Result<Action,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_quantities_into_bytes() {
-        let cases: &[(&str, u64)] = &[
-            ("1024", 1024),
-            ("0", 0),
-            ("1Ki", 1024),
-            ("64Mi", 64 << 20),
-            ("256Mi", 256 << 20),
-            ("1Gi", 1 << 30),
-            ("2Ti", 2 << 40),
-            ("500M", 500_000_000),
-            ("1G", 1_000_000_000),
-            ("1k", 1000),
-            ("1.5Gi", 3 << 29),
-            ("0.5Ki", 512),
-            ("1e3", 1000),
-            ("1E6", 1_000_000),
-            ("+10", 10),
-            ("1500m", 2), // 1.5 bytes rounds up
-            ("1.", 1),
-            (".5Ki", 512),
-        ];
-        for (text, bytes) in cases {
-            assert_eq!(parse_quantity(text), Ok(*bytes), "{text}");
-        }
-    }
-
-    #[test]
-    fn refuses_what_is_not_a_byte_count() {
-        for text in ["", "Gi", "1GB", "1 Gi", "abc", "1.2.3", "1e", "1x"] {
-            assert!(
-                matches!(parse_quantity(text), Err(QuantityError::Malformed { .. })),
-                "{text}"
-            );
-        }
-        assert!(matches!(
-            parse_quantity("-1Gi"),
-            Err(QuantityError::Negative { .. })
-        ));
-        assert!(matches!(
-            parse_quantity("16Ei"),
-            Err(QuantityError::Overflow { .. })
-        ));
-        assert!(matches!(
-            parse_quantity("1e40"),
-            Err(QuantityError::Overflow { .. })
-        ));
-    }
-
-    #[test]
-    fn formats_bytes_with_the_largest_exact_binary_suffix() {
-        let cases: &[(u64, &str)] = &[
-            (0, "0"),
-            (1000, "1000"),
-            (1024, "1Ki"),
-            (64 << 20, "64Mi"),
-            (1 << 30, "1Gi"),
-            (3 << 29, "1536Mi"),
-        ];
-        for (bytes, text) in cases {
-            assert_eq!(format_quantity(*bytes), *text);
-            assert_eq!(parse_quantity(text), Ok(*bytes));
-        }
-    }
 
     #[test]
     fn volume_mode_defaults_to_filesystem() {

@@ -123,3 +123,73 @@ pub fn format_quantity(bytes: u64) -> String {
             |(suffix, shift)| format!("{}{suffix}", bytes >> shift),
         )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_quantities_into_bytes() {
+        let cases: &[(&str, u64)] = &[
+            ("1024", 1024),
+            ("0", 0),
+            ("1Ki", 1024),
+            ("64Mi", 64 << 20),
+            ("256Mi", 256 << 20),
+            ("1Gi", 1 << 30),
+            ("2Ti", 2 << 40),
+            ("500M", 500_000_000),
+            ("1G", 1_000_000_000),
+            ("1k", 1000),
+            ("1.5Gi", 3 << 29),
+            ("0.5Ki", 512),
+            ("1e3", 1000),
+            ("1E6", 1_000_000),
+            ("+10", 10),
+            ("1500m", 2), // 1.5 bytes rounds up
+            ("1.", 1),
+            (".5Ki", 512),
+        ];
+        for (text, bytes) in cases {
+            assert_eq!(parse_quantity(text), Ok(*bytes), "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_byte_count() {
+        for text in ["", "Gi", "1GB", "1 Gi", "abc", "1.2.3", "1e", "1x"] {
+            assert!(
+                matches!(parse_quantity(text), Err(QuantityError::Malformed { .. })),
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            parse_quantity("-1Gi"),
+            Err(QuantityError::Negative { .. })
+        ));
+        assert!(matches!(
+            parse_quantity("16Ei"),
+            Err(QuantityError::Overflow { .. })
+        ));
+        assert!(matches!(
+            parse_quantity("1e40"),
+            Err(QuantityError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn formats_bytes_with_the_largest_exact_binary_suffix() {
+        let cases: &[(u64, &str)] = &[
+            (0, "0"),
+            (1000, "1000"),
+            (1024, "1Ki"),
+            (64 << 20, "64Mi"),
+            (1 << 30, "1Gi"),
+            (3 << 29, "1536Mi"),
+        ];
+        for (bytes, text) in cases {
+            assert_eq!(format_quantity(*bytes), *text);
+            assert_eq!(parse_quantity(text), Ok(*bytes));
+        }
+    }
+}
