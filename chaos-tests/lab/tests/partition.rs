@@ -1,6 +1,7 @@
 //! `ferry-lab site partition|heal`: a partitioned site's replicator cannot reach its peer (the
-//! pair reports PeerReachable=False and stops committing generations) while both sites stay
-//! up and reachable by the harness; after `heal`, replication resumes.
+//! pair reports PeerReachable=False, stops committing generations, and its lag grows past the
+//! RPO with RPOMet=False) while both sites stay up and reachable by the harness; after
+//! `heal`, replication resumes.
 
 mod e2e;
 
@@ -37,6 +38,33 @@ async fn a_partitioned_site_loses_its_peer_until_healed_on(settings: e2e::LabSet
     })
     .await;
     println!("while partitioned: {message}");
+    // The active site's own view says the copy is getting old: past the 30 s rpo, RPOMet=False
+    // with a lag that keeps growing, not the lag of its last sync.
+    let first = eventually("RPOMet=False at a while cut off", || async {
+        let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
+        let lag = p.status.as_ref().and_then(|s| s.current_lag_seconds);
+        match (condition(&p, "RPOMet"), lag) {
+            (Some((s, _)), Some(lag)) if s == "False" && lag > 30.0 => Ok(lag),
+            other => Err(format!(
+                "{other:?}, phase {:?}, PeerReachable {:?}, Synced {:?}",
+                p.status.as_ref().and_then(|s| s.phase),
+                condition(&p, "PeerReachable"),
+                condition(&p, "Synced")
+            )),
+        }
+    })
+    .await;
+    eventually("the lag at a growing", || async {
+        let p = pairs.get("ledger").await.map_err(|e| e.to_string())?;
+        let lag = p
+            .status
+            .and_then(|s| s.current_lag_seconds)
+            .unwrap_or_default();
+        (lag >= first + 2.0)
+            .then_some(())
+            .ok_or(format!("lag {lag}, first seen {first}"))
+    })
+    .await;
     // Both sites still answer the harness.
     let generation_at_b = Api::<DRPair>::namespaced(b.clone(), NS)
         .get("ledger")

@@ -3,15 +3,17 @@
 //! Each tick goes through the same steps, each either handing the next one what it found or
 //! ending the tick with what to do instead ([`Next`]):
 //!
-//! 1. [`Worker::ensure_active`]: the pair exists, is active here and not fenced, and carries
-//!    the peer-release finalizer; a pair being deleted is finalized instead
+//! 1. [`Worker::ensure_active`]: the pair exists, is active here, and carries the
+//!    peer-release finalizer; a pair being deleted is finalized instead
 //!    ([`super::deletion`]);
 //! 2. [`Worker::ensure_valid`]: the spec passes validation (else `Ready=False InvalidSpec`
 //!    and a wait for the spec to change);
-//! 3. [`Worker::ensure_initialised`]: `status.activeSite` and `status.epoch` are set;
+//! 3. [`Worker::ensure_initialised`]: `status.activeSite` and `status.epoch` are set; a
+//!    fenced site ships nothing and only refreshes its lag;
 //! 4. [`Worker::ensure_peer`]: the peer's replicator answers, with what it holds and its
 //!    epoch (a newer epoch there means this site was superseded);
-//! 5. [`Worker::refresh_lag`]: lag and RPO in metrics, status and Events;
+//! 5. [`Worker::refresh_lag`]: lag and RPO in metrics, status and Events (also when step 4
+//!    found the peer silent, so the active site's lag keeps growing);
 //! 6. [`Worker::maybe_sync`]: a sync when one is due or requested, and its outcome in status.
 //!
 //! Status writes never fail silently: a refused write is logged, counted
@@ -122,8 +124,17 @@ impl Worker {
         let (pair, status) = self.ensure_active().await?;
         let valid = self.ensure_valid(&pair, &status).await?;
         let epoch = self.ensure_initialised(&status).await?;
-        let mut peer = self.ensure_peer(&pair, &valid, epoch).await?;
-        self.refresh_lag(&pair, &valid).await;
+        if status.phase == Some(PairPhase::Fenced) {
+            // The controller fenced this site (witness lease lost): ship nothing until it
+            // holds the lease again. The copy at the peer keeps ageing all the same.
+            self.refresh_lag(&pair, &valid, &status).await;
+            return Err(Next::Wait(RETRY));
+        }
+        let peer = self.ensure_peer(&pair, &valid, epoch).await;
+        // The lag grows whether or not the peer answers: an active site whose peer stopped
+        // acknowledging must say so too.
+        self.refresh_lag(&pair, &valid, &status).await;
+        let mut peer = peer?;
         Ok(self
             .maybe_sync(&pair, &status, &valid, epoch, &mut peer)
             .await)
@@ -152,11 +163,6 @@ impl Worker {
             return Err(super::deletion::finalize(&self.ctx, &self.api, &pair, &self.key).await);
         }
         super::deletion::ensure_finalizer(&self.api, &pair, &self.key).await;
-        if status.phase == Some(PairPhase::Fenced) {
-            // The controller fenced this site (witness lease lost): ship nothing until it
-            // holds the lease again.
-            return Err(Next::Wait(RETRY));
-        }
         Ok((pair, status))
     }
 
@@ -289,12 +295,18 @@ impl Worker {
         })
     }
 
-    async fn refresh_lag(&mut self, pair: &DRPair, valid: &ValidPairSpec) {
+    async fn refresh_lag(&mut self, pair: &DRPair, valid: &ValidPairSpec, status: &DRPairStatus) {
         let schedule = self
             .schedule
             .get_or_insert_with(|| RpoSchedule::new(valid.rpo));
         schedule.set_rpo(valid.rpo);
-        let Some(capture) = self.last_capture else {
+        // After a restart, until the peer answers, the status says when the newest
+        // generation there was captured.
+        let recorded = status.last_capture_time.as_ref().map(|t| {
+            SystemTime::UNIX_EPOCH
+                + Duration::from_millis(t.0.as_millisecond().max(0).unsigned_abs())
+        });
+        let Some(capture) = self.last_capture.or(recorded) else {
             return;
         };
         let now = SystemTime::now();
