@@ -179,6 +179,12 @@ wire_enum! {
 
 /// Replica counts at the destination: a policy, plus `count` when it is `Fixed`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+// Checked at admission by the API server (CEL); the controller checks again.
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.policy) && self.policy == 'Fixed' ? has(self.count) : !has(self.count)",
+    "message": "count is required when policy is Fixed, and forbidden otherwise",
+    "fieldPath": ".count"
+}]))]
 pub struct ReplicasTransform {
     /// Restore (default), Fixed or Zero.
     #[serde(default)]

@@ -371,6 +371,23 @@ async fn an_invalid_pair_is_refused_at_admission_naming_the_field_on_kubernetes(
         message.contains("spec.secondarySite") && message.contains("must differ"),
         "{message}"
     );
+    // Replica counts: `count` with Fixed only.
+    for (name, replicas) in [
+        ("fixed-no-count", json!({"policy": "Fixed"})),
+        ("zero-with-count", json!({"policy": "Zero", "count": 2})),
+    ] {
+        let mut p = pair(name, "30s", "b");
+        p.spec.transform.replicas = serde_json::from_value(replicas).unwrap();
+        let message = refused(pairs.create(&pp, &p).await);
+        assert!(
+            message.contains("spec.transform.replicas.count") && message.contains("Fixed"),
+            "{message}"
+        );
+    }
+    let mut fixed = pair("fixed-two", "30s", "b");
+    fixed.spec.transform.replicas =
+        serde_json::from_value(json!({"policy": "Fixed", "count": 2})).unwrap();
+    pairs.create(&pp, &fixed).await.unwrap();
     // At the minimum, and in days (which CEL's duration() cannot read), a pair is accepted.
     pairs.create(&pp, &pair("ten", "10s", "b")).await.unwrap();
     pairs.create(&pp, &pair("daily", "1d", "b")).await.unwrap();
