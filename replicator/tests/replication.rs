@@ -91,18 +91,53 @@ fn scribble_image(path: &Path, rng: &mut rand::rngs::StdRng, blocks: u64) {
     }
 }
 
+/// A destination serving on loopback with mutual TLS, a client to it, a source hash store,
+/// and a source tree and image filled from `seed`.
+struct Setup {
+    dir: tempfile::TempDir,
+    dest: TestDestination,
+    rpc: ferry_schemas::proto::ReplicationClient<tonic::transport::Channel>,
+    hashes: HashStore,
+    tree: std::path::PathBuf,
+    image: std::path::PathBuf,
+    rng: rand::rngs::StdRng,
+}
+
+impl Setup {
+    async fn start(seed: u64) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let (src_tls, dst_tls) = tls_pair();
+        let dest = TestDestination::start(&dir.path().join("dst"), &dst_tls).await;
+        let rpc = client(dest.addr, &src_tls);
+        let hashes = HashStore::open(dir.path().join("hashes")).unwrap();
+        let tree = dir.path().join("tree");
+        let image = dir.path().join("disk.img");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        make_tree(&tree, &mut rng);
+        make_image(&image, &mut rng);
+        Setup {
+            dir,
+            dest,
+            rpc,
+            hashes,
+            tree,
+            image,
+            rng,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generations_replicate_exactly_and_only_deltas_travel() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src_tls, dst_tls) = tls_pair();
-    let dest = TestDestination::start(&dir.path().join("dst"), &dst_tls).await;
-    let mut rpc = client(dest.addr, &src_tls);
-    let hashes = HashStore::open(dir.path().join("hashes")).unwrap();
-    let tree = dir.path().join("tree");
-    let image = dir.path().join("disk.img");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    make_tree(&tree, &mut rng);
-    make_image(&image, &mut rng);
+    let Setup {
+        dir: _dir,
+        dest,
+        mut rpc,
+        hashes,
+        tree,
+        image,
+        mut rng,
+    } = Setup::start(7).await;
 
     // Generation 1: a full copy.
     let first = ship(
@@ -166,16 +201,15 @@ async fn generations_replicate_exactly_and_only_deltas_travel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_chunks_are_rerequested_and_stale_epochs_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let (src_tls, dst_tls) = tls_pair();
-    let dest = TestDestination::start(&dir.path().join("dst"), &dst_tls).await;
-    let mut rpc = client(dest.addr, &src_tls);
-    let hashes = HashStore::open(dir.path().join("hashes")).unwrap();
-    let tree = dir.path().join("tree");
-    let image = dir.path().join("disk.img");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    make_tree(&tree, &mut rng);
-    make_image(&image, &mut rng);
+    let Setup {
+        dir,
+        dest,
+        mut rpc,
+        hashes,
+        tree,
+        image,
+        mut rng,
+    } = Setup::start(11).await;
 
     let faults = Faults {
         corrupt_chunks: BTreeSet::from([
@@ -251,16 +285,15 @@ async fn corrupt_chunks_are_rerequested_and_stale_epochs_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_pair_is_kept_or_removed_and_a_superseded_site_cannot_release_it() {
     use ferry_schemas::proto::replication::{PairRef, ReleasePolicy, ReleaseRequest};
-    let dir = tempfile::tempdir().unwrap();
-    let (src_tls, dst_tls) = tls_pair();
-    let dest = TestDestination::start(&dir.path().join("dst"), &dst_tls).await;
-    let mut rpc = client(dest.addr, &src_tls);
-    let hashes = HashStore::open(dir.path().join("hashes")).unwrap();
-    let tree = dir.path().join("tree");
-    let image = dir.path().join("disk.img");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    make_tree(&tree, &mut rng);
-    make_image(&image, &mut rng);
+    let Setup {
+        dir,
+        dest,
+        mut rpc,
+        hashes,
+        tree,
+        image,
+        rng: _,
+    } = Setup::start(11).await;
     ship(
         &mut rpc,
         &hashes,

@@ -132,6 +132,20 @@ async fn gone_at(client: &Client, site: &str) {
     .await
 }
 
+/// Waits until `a`'s DRPair, being deleted, says it waits for its peer; returns the Ready
+/// message.
+async fn release_pending_at(a: &Client) -> String {
+    let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
+    eventually("Ready=False PeerReleasePending at a", || async {
+        let p = pairs.get(PAIR).await.map_err(|e| e.to_string())?;
+        match condition(&p, "Ready") {
+            Some(c) if c.status == "False" && c.reason == "PeerReleasePending" => Ok(c.message),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+}
+
 /// Waits for `b`'s DRPair to say it is detached; returns the Ready message.
 async fn detached_at(b: &Client) -> String {
     let pairs: Api<DRPair> = Api::namespaced(b.clone(), NS);
@@ -229,13 +243,7 @@ async fn retain_on(settings: e2e::LabSettings) {
     let done = e2e::completed_migration(&b, "from-the-retained-copy").await;
     let (promoted, intact) = generation_tip(&b, done.generation.unwrap().0).await;
     assert!(intact, "the retained generation's ledger verifies");
-    eventually("the writer commits at b", || async {
-        let tip = live_tip(&b).await;
-        (tip.n > promoted.n)
-            .then_some(())
-            .ok_or(format!("tip {}", tip.n))
-    })
-    .await;
+    e2e::writer_commits_past(&b, "b", promoted.n).await;
 }
 
 on_both_planes!(
@@ -254,15 +262,7 @@ async fn delete_on(settings: e2e::LabSettings) {
 
     lab_control("site", "partition", "b", &lab.0);
     delete_pair(&a).await;
-    let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
-    let message = eventually("Ready=False PeerReleasePending at a", || async {
-        let p = pairs.get(PAIR).await.map_err(|e| e.to_string())?;
-        match condition(&p, "Ready") {
-            Some(c) if c.status == "False" && c.reason == "PeerReleasePending" => Ok(c.message),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    let message = release_pending_at(&a).await;
     println!("a while b is cut off: {message}");
     assert!(
         message.contains("site b") && message.contains(RELEASE_WITHOUT_PEER_ANNOTATION),
@@ -323,14 +323,7 @@ async fn the_release_without_peer_annotation_finishes_a_deletion_and_leaves_the_
     lab_control("site", "partition", "b", &lab.0);
     delete_pair(&a).await;
     let pairs: Api<DRPair> = Api::namespaced(a.clone(), NS);
-    eventually("Ready=False PeerReleasePending at a", || async {
-        let p = pairs.get(PAIR).await.map_err(|e| e.to_string())?;
-        match condition(&p, "Ready") {
-            Some(c) if c.reason == "PeerReleasePending" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    release_pending_at(&a).await;
     // b is cut off and a no longer syncs: this is the copy b keeps.
     let before = ferry_objects(&b).await;
     let annotation = BTreeMap::from([(RELEASE_WITHOUT_PEER_ANNOTATION, "true")]);
@@ -413,11 +406,5 @@ async fn a_gated_app_keeps_running_once_its_pair_is_deleted() {
     assert_eq!(still.metadata.uid.as_deref(), Some(uid.as_str()));
     assert!(still.metadata.deletion_timestamp.is_none());
     let tip = live_tip(&a).await;
-    eventually("the writer commits at a", || async {
-        let now = live_tip(&a).await;
-        (now.n > tip.n)
-            .then_some(())
-            .ok_or(format!("tip {}", now.n))
-    })
-    .await;
+    e2e::writer_commits_past(&a, "a", tip.n).await;
 }

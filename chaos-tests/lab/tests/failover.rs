@@ -29,8 +29,8 @@ use kube::Client;
 use tokio::sync::Mutex;
 
 use e2e::{
-    assert_never_at_both_sites, eventually, generation_tip, lab_control, last_start, live_tip,
-    setup_with, timelines, Lab, Protection, NS,
+    assert_never_at_both_sites, eventually, generation_tip, lab_control, last_start, setup_with,
+    timelines, Lab, Protection, NS,
 };
 
 const LEASE: Duration = Duration::from_secs(8);
@@ -145,15 +145,7 @@ async fn site_loss_b_runs_the_app_with_every_transaction_of_its_generation_on(
     let generation = status.generation.expect("status.generation").0;
     let (promoted, intact) = generation_tip(&b, generation).await;
     assert!(intact, "generation {generation}'s ledger verifies");
-    let live = eventually("the writer commits at b", || async {
-        let tip = live_tip(&b).await;
-        if tip.n > promoted.n {
-            Ok(tip)
-        } else {
-            Err(format!("tip {}", tip.n))
-        }
-    })
-    .await;
+    let live = e2e::writer_commits_past(&b, "b", promoted.n).await;
     let volume = ferry_lab::node::storage::bound_volume(&b, NS, "ledger-data")
         .await
         .unwrap()
@@ -418,13 +410,7 @@ async fn manual_mode_fails_over_only_on_a_migration_and_only_with_a_quorum() {
     );
     let (promoted, intact) = generation_tip(&b, done.generation.unwrap().0).await;
     assert!(intact);
-    eventually("the writer commits at b", || async {
-        let tip = live_tip(&b).await;
-        (tip.n > promoted.n)
-            .then_some(())
-            .ok_or(format!("tip {}", tip.n))
-    })
-    .await;
+    e2e::writer_commits_past(&b, "b", promoted.n).await;
     assert_never_at_both_sites(&lab.0);
 }
 

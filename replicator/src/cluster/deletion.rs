@@ -87,13 +87,12 @@ pub async fn finalize(ctx: &SiteContext, api: &Api<DRPair>, pair: &DRPair, key: 
         let message = format!(
             "deletion waits to tell site {peer} (deletionPolicy {policy}): {message}; set annotation {RELEASE_WITHOUT_PEER_ANNOTATION}=true to delete without it"
         );
-        let was = pair.status.as_ref().and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == T::Ready.as_str())
-                .map(|c| c.reason.clone())
-        });
-        if was.as_deref() != Some(R::PeerReleasePending.as_str()) {
+        let reported = pair
+            .status
+            .as_ref()
+            .and_then(|s| T::Ready.find(&s.conditions))
+            .is_some_and(|c| c.reason == R::PeerReleasePending.as_str());
+        if !reported {
             ctx.status
                 .event(pair, true, "PeerReleasePending", "Delete", message.clone())
                 .await;

@@ -55,10 +55,7 @@ pub async fn run(ctx: SiteContext, key: PairKey) {
             status.phase,
             Some(PairPhase::Replicating) | Some(PairPhase::Stale)
         );
-        let capture = status.last_capture_time.as_ref().map(|t| {
-            SystemTime::UNIX_EPOCH
-                + Duration::from_millis(t.0.as_millisecond().max(0).unsigned_abs())
-        });
+        let capture = super::pairs::recorded_capture(&status);
         let rpo = ferry_schemas::duration::parse_duration(&pair.spec.rpo).ok();
         if let (true, Some(capture), Some(rpo)) = (replicating, capture, rpo) {
             let lag = SystemTime::now()

@@ -57,6 +57,15 @@ fn from_unix(seconds: f64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs_f64(seconds.max(0.0))
 }
 
+/// `status.lastCaptureTime` as a `SystemTime`: when the newest generation the peer holds
+/// was captured, as last written to this site's DRPair status.
+pub(super) fn recorded_capture(status: &ferry_schemas::drpair::DRPairStatus) -> Option<SystemTime> {
+    status
+        .last_capture_time
+        .as_ref()
+        .map(|t| UNIX_EPOCH + Duration::from_millis(t.0.as_millisecond().max(0).unsigned_abs()))
+}
+
 pub(super) fn rfc3339(t: SystemTime) -> String {
     k8s_openapi::jiff::Timestamp::try_from(t)
         .map(|ts| {
@@ -200,11 +209,9 @@ impl SiteObserver {
         if spec.standby != ferry_schemas::drpair::StandbyMode::Applied {
             // Cold standby: say so only where a warm standby was reported before.
             let here = api.get_opt(&pair.name).await.ok().flatten()?;
-            let reported = here.status.is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == T::StandbyApplied.as_str())
-            });
+            let reported = here
+                .status
+                .is_some_and(|s| T::StandbyApplied.find(&s.conditions).is_some());
             return reported.then(|| {
                 (
                     T::StandbyApplied,
@@ -272,14 +279,19 @@ impl SiteObserver {
 }
 
 impl SiteObserver {
-    /// `Retain`: the DRPair copy says it is detached, with what it keeps.
-    async fn detach(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
+    /// This site's DRPair copy of `pair`, with the API that reads it, if there is one.
+    async fn copy_of(&self, pair: &PairKey) -> Result<Option<(Api<DRPair>, DRPair)>, String> {
         let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
-        let Some(object) = api
+        let copy = api
             .get_opt(&pair.name)
             .await
-            .map_err(|e| format!("reading DRPair {pair}: {e}"))?
-        else {
+            .map_err(|e| format!("reading DRPair {pair}: {e}"))?;
+        Ok(copy.map(|c| (api, c)))
+    }
+
+    /// `Retain`: the DRPair copy says it is detached, with what it keeps.
+    async fn detach(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
+        let Some((_, object)) = self.copy_of(pair).await? else {
             // No generation ever arrived here: nothing to mark.
             return Ok(Vec::new());
         };
@@ -312,19 +324,14 @@ impl SiteObserver {
     /// app's own objects, which Ferry applies but never deletes: they stay, and the Event
     /// says so.
     async fn remove(&self, pair: &PairKey, release: &Release) -> Result<Vec<String>, String> {
-        let api: Api<DRPair> = Api::namespaced(self.status.client().clone(), &pair.namespace);
-        let Some(object) = api
-            .get_opt(&pair.name)
-            .await
-            .map_err(|e| format!("reading DRPair {pair}: {e}"))?
-        else {
+        let Some((api, object)) = self.copy_of(pair).await? else {
             return Ok(Vec::new());
         };
-        let parked = object.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == T::StandbyApplied.as_str() && c.status == S::True.as_str())
-        });
+        let parked = object
+            .status
+            .as_ref()
+            .and_then(|s| T::StandbyApplied.find(&s.conditions))
+            .is_some_and(|c| c.status == S::True.as_str());
         if parked {
             let message = format!(
                 "{} (deletionPolicy Delete): the copy here is removed; the parked standby's objects are the app's and stay (delete them if unwanted)",

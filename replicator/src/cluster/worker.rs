@@ -302,11 +302,7 @@ impl Worker {
         schedule.set_rpo(valid.rpo);
         // After a restart, until the peer answers, the status says when the newest
         // generation there was captured.
-        let recorded = status.last_capture_time.as_ref().map(|t| {
-            SystemTime::UNIX_EPOCH
-                + Duration::from_millis(t.0.as_millisecond().max(0).unsigned_abs())
-        });
-        let Some(capture) = self.last_capture.or(recorded) else {
+        let Some(capture) = self.last_capture.or(super::pairs::recorded_capture(status)) else {
             return;
         };
         let now = SystemTime::now();
@@ -491,13 +487,12 @@ impl Worker {
             "selects what DRPair {other} (created first) already protects: {}; this pair does not replicate until they no longer overlap",
             shared.join(", ")
         );
-        let was = pair.status.as_ref().and_then(|s| {
-            s.conditions
-                .iter()
-                .find(|c| c.type_ == T::Ready.as_str())
-                .map(|c| c.reason.clone())
-        });
-        if was.as_deref() != Some(R::OverlapsPair.as_str()) {
+        let reported = pair
+            .status
+            .as_ref()
+            .and_then(|s| T::Ready.find(&s.conditions))
+            .is_some_and(|c| c.reason == R::OverlapsPair.as_str());
+        if !reported {
             self.ctx
                 .status
                 .event(pair, true, "OverlapsPair", "Validate", message.clone())

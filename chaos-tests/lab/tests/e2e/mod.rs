@@ -242,3 +242,17 @@ pub async fn create_object(client: &kube::Client, namespace: &str, object: serde
         .await
         .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
 }
+
+/// Waits until the ledger writer at the site of `client` (named `site` in messages) has
+/// committed past transaction `after`; returns the live tip.
+pub async fn writer_commits_past(client: &kube::Client, site: &str, after: u64) -> Tip {
+    eventually(&format!("the writer commits at {site}"), || async {
+        let tip = live_tip(client).await;
+        if tip.n > after {
+            Ok(tip)
+        } else {
+            Err(format!("tip {}", tip.n))
+        }
+    })
+    .await
+}
