@@ -4,6 +4,8 @@
 //! Per pair, one sync is live at a time. `Begin` checks the epoch and the base, resets staging
 //! if a previous sync died half-way, and opens one mover per volume. `Push` hands each chunk to
 //! its volume's mover and acknowledges it (or asks for it again when its checksum fails).
+//! Each volume has its own lock, so the volumes of a generation (and other pairs) stage in
+//! parallel; within a volume, chunks apply strictly in `seq` order.
 //! `Commit` finishes and verifies every volume, takes the point-in-time copies, stores the
 //! manifests and then writes the journal: that flushed write is the commit point. A crash
 //! anywhere before it leaves the previous generation as the newest, untouched; the staging
@@ -11,6 +13,7 @@
 //! but never received whole (a diverged seed), so the source can plan its delta against it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use ferry_schemas::drpair::DeletionPolicy;
@@ -111,14 +114,27 @@ struct LiveVolume {
     spec: VolumeSpec,
     session: MoverSession,
     next_seq: u64,
+    /// Set once the sync this volume belongs to was committed or abandoned: a chunk that was
+    /// already on its way must not reach the mover any more.
+    retired: bool,
 }
 
 struct LiveSync {
     generation: u64,
     epoch: u64,
-    volumes: BTreeMap<String, LiveVolume>,
+    /// Locked one by one: a chunk holds only its own volume while the mover applies it.
+    volumes: BTreeMap<String, Arc<Mutex<LiveVolume>>>,
     pair_json: Vec<u8>,
-    chunks_rejected: u64,
+    chunks_rejected: Arc<AtomicU64>,
+}
+
+impl LiveSync {
+    /// Ends the sync: waits for any chunk being applied, then refuses every later one.
+    async fn retire(&self) {
+        for volume in self.volumes.values() {
+            volume.lock().await.retired = true;
+        }
+    }
 }
 
 /// The destination service. Cheap to clone; clones share state.
@@ -317,7 +333,7 @@ impl Destination {
                 volume.volume, newest.generation
             ))
         })?;
-        self.live.lock().await.remove(&pair);
+        self.abandon(&pair).await;
         self.replicas
             .release(&pair)
             .await
@@ -391,7 +407,7 @@ impl Destination {
             )));
         }
         // A sync that was under way is abandoned: nothing more arrives for the pair.
-        self.live.lock().await.remove(&key);
+        self.abandon(&key).await;
         self.replicas
             .release(&key)
             .await
@@ -462,22 +478,29 @@ impl Destination {
         if let Some(sync) = live.get(&pair) {
             if sync.generation == header.generation && sync.epoch == header.epoch {
                 // A reconnect: resume where each volume's stream stands.
+                let volumes: Vec<_> = sync.volumes.values().cloned().collect();
+                drop(live);
+                let mut resume = Vec::with_capacity(volumes.len());
+                for volume in volumes {
+                    let volume = volume.lock().await;
+                    resume.push(VolumeResume {
+                        volume: volume.spec.volume.clone(),
+                        next_seq: volume.next_seq,
+                    });
+                }
                 return Ok(BeginResponse {
-                    volumes: sync
-                        .volumes
-                        .values()
-                        .map(|v| VolumeResume {
-                            volume: v.spec.volume.clone(),
-                            next_seq: v.next_seq,
-                        })
-                        .collect(),
+                    volumes: resume,
                     committed_generation: committed,
                 });
             }
         }
         // Any other live sync of this pair is abandoned; its staging is torn.
-        let torn = live.remove(&pair).is_some() || record.staging.is_some();
+        let abandoned = live.remove(&pair);
         drop(live);
+        let torn = abandoned.is_some() || record.staging.is_some();
+        if let Some(sync) = abandoned {
+            sync.retire().await;
+        }
         self.replicas
             .release(&pair)
             .await
@@ -527,18 +550,19 @@ impl Destination {
                 .await
                 .map_err(|e| internal("opening the staging volume", e))?;
             volumes.insert(
-                volume.volume,
-                LiveVolume {
+                volume.volume.clone(),
+                Arc::new(Mutex::new(LiveVolume {
                     spec,
                     session,
                     next_seq: 0,
-                },
+                    retired: false,
+                })),
             );
         }
         let resume = volumes
-            .values()
-            .map(|v| VolumeResume {
-                volume: v.spec.volume.clone(),
+            .keys()
+            .map(|volume| VolumeResume {
+                volume: volume.clone(),
                 next_seq: 0,
             })
             .collect();
@@ -549,7 +573,7 @@ impl Destination {
                 epoch: header.epoch,
                 volumes,
                 pair_json: request.pair_json,
-                chunks_rejected: 0,
+                chunks_rejected: Arc::default(),
             },
         );
         tracing::debug!(generation = header.generation, "staging ready");
@@ -561,8 +585,8 @@ impl Destination {
 
     async fn push_chunk(&self, message: ChunkMessage) -> Result<ChunkAck, Status> {
         let (pair, header) = pair_of(message.header.as_ref())?;
-        let mut live = self.live.lock().await;
-        let Some(sync) = live.get_mut(&pair) else {
+        let live = self.live.lock().await;
+        let Some(sync) = live.get(&pair) else {
             return Err(Status::failed_precondition(format!(
                 "no sync of pair {pair} is in progress: call Begin first"
             )));
@@ -574,12 +598,22 @@ impl Destination {
                 header.generation, header.epoch, sync.generation, sync.epoch
             )));
         }
-        let Some(volume) = sync.volumes.get_mut(&message.volume) else {
+        let Some(volume) = sync.volumes.get(&message.volume).cloned() else {
             return Err(Status::invalid_argument(format!(
                 "volume {:?} is not part of generation {}",
                 message.volume, sync.generation
             )));
         };
+        let rejected = sync.chunks_rejected.clone();
+        // Only this volume stays locked while its mover applies the chunk.
+        drop(live);
+        let mut volume = volume.lock().await;
+        if volume.retired {
+            return Err(Status::failed_precondition(format!(
+                "the sync of generation {} of pair {pair} has ended",
+                header.generation
+            )));
+        }
         let ack = |result| ChunkAck {
             volume: message.volume.clone(),
             result: Some(result),
@@ -591,19 +625,27 @@ impl Destination {
         if message.seq > volume.next_seq {
             return Ok(ack(chunk_ack::Result::ResendFrom(volume.next_seq)));
         }
-        match volume.session.apply(message.chunk).await {
+        let ChunkMessage {
+            volume: name,
+            chunk,
+            ..
+        } = message;
+        let ack = |result| ChunkAck {
+            volume: name.clone(),
+            result: Some(result),
+        };
+        match volume.session.apply(chunk).await {
             Ok(ApplyOutcome::Applied(seq)) => {
                 volume.next_seq = seq + 1;
                 Ok(ack(chunk_ack::Result::Applied(seq)))
             }
             Ok(ApplyOutcome::Corrupt(seq)) => {
-                sync.chunks_rejected += 1;
-                let volume_name = message.volume.clone();
-                drop(live);
+                drop(volume);
+                rejected.fetch_add(1, Ordering::Relaxed);
                 let rejection = Rejection {
                     reason: "ChunkCorrupt",
                     message: format!(
-                        "chunk {seq} of volume {volume_name} failed its checksum; re-requested"
+                        "chunk {seq} of volume {name} failed its checksum; re-requested"
                     ),
                 };
                 tracing::warn!(pair = %pair, message = %rejection.message, "corrupt chunk");
@@ -611,13 +653,34 @@ impl Destination {
                 Ok(ack(chunk_ack::Result::ResendFrom(seq)))
             }
             Err(e) => {
-                live.remove(&pair);
-                drop(live);
-                let status = Status::internal(format!(
-                    "applying to volume {} of pair {pair}: {e}",
-                    message.volume
-                ));
+                // The staged volume is torn: the whole sync must start again from its base.
+                volume.retired = true;
+                drop(volume);
+                self.abandon_generation(&pair, header.generation).await;
+                let status =
+                    Status::internal(format!("applying to volume {name} of pair {pair}: {e}"));
                 Err(self.reject(&pair, "StagingFailed", status).await)
+            }
+        }
+    }
+
+    /// Ends any live sync of `pair`.
+    async fn abandon(&self, pair: &PairKey) {
+        let sync = self.live.lock().await.remove(pair);
+        if let Some(sync) = sync {
+            sync.retire().await;
+        }
+    }
+
+    /// Ends the live sync of `pair` if it is still of `generation` (a newer Begin may have
+    /// replaced it meanwhile).
+    async fn abandon_generation(&self, pair: &PairKey, generation: u64) {
+        let mut live = self.live.lock().await;
+        if live.get(pair).is_some_and(|s| s.generation == generation) {
+            let sync = live.remove(pair);
+            drop(live);
+            if let Some(sync) = sync {
+                sync.retire().await;
             }
         }
     }
@@ -625,11 +688,13 @@ impl Destination {
     async fn commit_sync(&self, request: CommitRequest) -> Result<CommitResponse, Status> {
         let (pair, header) = pair_of(request.header.as_ref())?;
         let key = pair.to_string();
-        let Some(mut sync) = self.live.lock().await.remove(&pair) else {
+        let Some(sync) = self.live.lock().await.remove(&pair) else {
             return Err(Status::failed_precondition(format!(
                 "no sync of pair {pair} is in progress"
             )));
         };
+        // Waits for chunks still being applied; none is accepted after this.
+        sync.retire().await;
         if sync.generation != header.generation || sync.epoch != header.epoch {
             return Err(Status::failed_precondition(format!(
                 "commit of generation {} does not match the live sync (generation {})",
@@ -649,7 +714,10 @@ impl Destination {
             .collect();
         let mut indexes = BTreeMap::new();
         let mut verified = BTreeMap::new();
-        for (name, volume) in sync.volumes.iter_mut() {
+        let mut specs: Vec<VolumeSpec> = Vec::with_capacity(sync.volumes.len());
+        for (name, volume) in &sync.volumes {
+            let mut volume = volume.lock().await;
+            specs.push(volume.spec.clone());
             let digest: [u8; 32] = digests
                 .get(name.as_str())
                 .and_then(|d| (*d).try_into().ok())
@@ -672,7 +740,6 @@ impl Destination {
             }
         }
         tracing::debug!(pair = %pair, generation = header.generation, "volumes verified");
-        let specs: Vec<VolumeSpec> = sync.volumes.values().map(|v| v.spec.clone()).collect();
         drop(sync.volumes);
         let fail = |e: super::replicas::ReplicaError| {
             Status::unavailable(format!(
@@ -729,7 +796,7 @@ impl Destination {
             .await;
         Ok(CommitResponse {
             committed_generation: header.generation,
-            chunks_rejected: sync.chunks_rejected,
+            chunks_rejected: sync.chunks_rejected.load(Ordering::Relaxed),
         })
     }
 }

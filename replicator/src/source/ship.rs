@@ -9,11 +9,13 @@
 //! The new indexes are saved only after the destination acknowledges the commit, so a sync that
 //! fails anywhere leaves the store describing the destination's committed generation.
 //!
-//! Chunks go one at a time and each is acknowledged: a chunk whose checksum fails at the
-//! destination is sent again, and a dropped connection is re-established and resumed from the
-//! first chunk the destination has not staged.
+//! The volumes of a generation go in parallel, each on its own `Push` stream with a window of
+//! chunks in flight, so reading, the wire and the destination's apply overlap instead of
+//! taking turns. Every chunk is still acknowledged, in order: a chunk whose checksum fails at
+//! the destination is sent again (with the ones after it), and a dropped connection is
+//! re-established and resumed from the first chunk the destination has not staged.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::proto::replication::{
@@ -21,6 +23,7 @@ use ferry_schemas::proto::replication::{
     CommitRequest, StateRequest, StateResponse, SyncHeader, VolumeBegin, VolumeCommit,
 };
 use ferry_schemas::proto::PairRef;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -31,8 +34,14 @@ use crate::mover::{MoverSession, ReadItem};
 
 /// How often a chunk may fail its checksum before the sync gives up.
 const MAX_CHUNK_ATTEMPTS: u32 = 4;
-/// How often a dropped connection is re-established within one sync.
+/// How often a dropped connection is re-established within one volume's stream.
 const MAX_RECONNECTS: u32 = 5;
+/// Chunks in flight per volume stream (each at most 1 MiB): enough to keep the wire and the
+/// destination's mover busy while acknowledgements travel back, and a bound on the memory a
+/// stream holds for resends.
+pub const WINDOW_CHUNKS: usize = 8;
+/// Volumes of one generation shipped at once (each reads through its own mover).
+pub const PARALLEL_VOLUMES: usize = 4;
 
 /// A volume to ship: what it is, and a mover session reading the generation's snapshot of it.
 #[derive(Debug)]
@@ -48,7 +57,9 @@ pub struct SourceVolume {
 /// Test and chaos hooks: damage chunks on the wire, as a faulty network would.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
-    /// `(volume, seq)` of chunks whose first transmission gets one byte flipped.
+    /// `(volume, seq)` of chunks that get one byte flipped on the wire until the destination
+    /// has rejected them once (a transmission discarded unread, behind an earlier rejected
+    /// chunk, does not count).
     pub corrupt_chunks: BTreeSet<(String, u64)>,
 }
 
@@ -231,12 +242,15 @@ struct Stream {
 }
 
 async fn open_stream(client: &mut ReplicationClient<Channel>) -> Result<Stream, tonic::Status> {
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(WINDOW_CHUNKS);
     let acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
     Ok(Stream { tx, acks })
 }
 
 /// Ships `request` with `volumes` through `client`, planning deltas against `hashes`.
+///
+/// The volumes go in parallel (at most [`PARALLEL_VOLUMES`] at once), each on its own `Push`
+/// stream with up to [`WINDOW_CHUNKS`] chunks in flight.
 ///
 /// # Errors
 /// [`ShipError`]; nothing is committed and `hashes` is unchanged unless this returns `Ok`.
@@ -244,7 +258,7 @@ pub async fn ship(
     client: &mut ReplicationClient<Channel>,
     hashes: &HashStore,
     request: &ShipRequest,
-    mut volumes: Vec<SourceVolume>,
+    volumes: Vec<SourceVolume>,
     faults: &Faults,
 ) -> Result<ShipReport, ShipError> {
     let started = Instant::now();
@@ -264,11 +278,11 @@ pub async fn ship(
     };
     // Plan each volume against the destination's committed generation, or send it whole. A
     // diverged seed holds writes this site never saw: only the destination's scan describes it.
-    let mut previous: BTreeMap<String, Option<BlockIndex>> = BTreeMap::new();
-    for volume in &volumes {
+    let mut planned: Vec<(SourceVolume, Option<BlockIndex>)> = Vec::with_capacity(volumes.len());
+    for volume in volumes {
         let base = match newest {
             Some(g) if g.diverged => {
-                let scanned = base_index(client, &header, volume, g.generation).await?;
+                let scanned = base_index(client, &header, &volume, g.generation).await?;
                 report.base_index_bytes += scanned.as_ref().map_or(0, |(_, len)| *len);
                 scanned.map(|(index, _)| index)
             }
@@ -280,16 +294,16 @@ pub async fn ship(
                     .filter(|index| Some(index.generation.0) == committed)
             }
         };
-        previous.insert(volume.spec.volume.clone(), base);
+        planned.push((volume, base));
     }
     let begin = BeginRequest {
         header: Some(header.clone()),
-        volumes: volumes
+        volumes: planned
             .iter()
-            .map(|v| VolumeBegin {
+            .map(|(v, base)| VolumeBegin {
                 volume: v.spec.volume.clone(),
                 block: v.spec.block,
-                base_generation: previous[&v.spec.volume].as_ref().map(|i| i.generation.0),
+                base_generation: base.as_ref().map(|i| i.generation.0),
                 size_bytes: v.size_bytes,
                 capacity: v.spec.capacity.clone(),
             })
@@ -301,135 +315,33 @@ pub async fn ship(
         .await
         .map_err(refused_or_failed)?
         .into_inner();
-    let mut next_seq: BTreeMap<String, u64> = resume
+    let next_seq: BTreeMap<String, u64> = resume
         .volumes
         .into_iter()
         .map(|v| (v.volume, v.next_seq))
         .collect();
-    let mut stream = open_stream(client).await.map_err(ShipError::Destination)?;
-    let mut indexes: BTreeMap<String, BlockIndex> = BTreeMap::new();
-    for volume in volumes.iter_mut() {
-        let name = volume.spec.volume.clone();
-        let base = previous[&name].as_ref();
-        let from_seq = next_seq.get(&name).copied().unwrap_or(0);
-        let index = volume
-            .session
-            .read(
-                Generation(request.generation),
-                base,
-                from_seq,
-                volume.spec.block,
-            )
-            .await
-            .map_err(|source| ShipError::Read {
-                volume: name.clone(),
-                source,
-            })?;
-        let mut vreport = VolumeReport {
-            full_copy: base.is_none(),
-            ..VolumeReport::default()
-        };
-        loop {
-            let item = volume
-                .session
-                .next_chunk()
-                .await
-                .map_err(|source| ShipError::Read {
-                    volume: name.clone(),
-                    source,
-                })?;
-            let bytes = match item {
-                ReadItem::Chunk(bytes) => bytes,
-                ReadItem::Done(summary) => {
-                    vreport.bytes_scanned = summary.bytes_scanned;
-                    vreport.blocks_scanned = summary.blocks_scanned;
-                    vreport.bytes_changed = summary.bytes_changed;
-                    break;
-                }
+    let shipped: Vec<ShippedVolume> =
+        futures::stream::iter(planned.into_iter().map(|(volume, base)| {
+            let from_seq = next_seq.get(&volume.spec.volume).copied().unwrap_or(0);
+            let link = Link {
+                client: client.clone(),
+                begin: &begin,
+                header: &header,
+                faults,
             };
-            let seq = crate::delta::DeltaChunk::from_bytes(&bytes)
-                .map(|c| c.seq)
-                .map_err(|e| ShipError::Read {
-                    volume: name.clone(),
-                    source: crate::mover::SessionError::Mover(format!(
-                        "mover sent a bad chunk: {e}"
-                    )),
-                })?;
-            let mut attempts = 0u32;
-            loop {
-                attempts += 1;
-                let mut wire = bytes.clone();
-                if attempts == 1 && faults.corrupt_chunks.contains(&(name.clone(), seq)) {
-                    let last = wire.len() - 1;
-                    wire[last] ^= 0x5a;
-                }
-                vreport.wire_bytes += wire.len() as u64;
-                let message = ChunkMessage {
-                    header: Some(header.clone()),
-                    volume: name.clone(),
-                    seq,
-                    chunk: wire,
-                };
-                let ack = match send_and_ack(&mut stream, message).await {
-                    Ok(ack) => ack,
-                    Err(status) if transient(&status) && report.reconnects < MAX_RECONNECTS => {
-                        // Re-establish, and ask the destination where this volume stands.
-                        report.reconnects += 1;
-                        tracing::warn!(pair = %request.pair, volume = %name, seq, error = %status, "connection lost; resuming");
-                        tokio::time::sleep(Duration::from_millis(
-                            200 * u64::from(report.reconnects),
-                        ))
-                        .await;
-                        let resumed = client
-                            .begin(begin.clone())
-                            .await
-                            .map_err(refused_or_failed)?
-                            .into_inner();
-                        next_seq = resumed
-                            .volumes
-                            .into_iter()
-                            .map(|v| (v.volume, v.next_seq))
-                            .collect();
-                        stream = open_stream(client).await.map_err(ShipError::Destination)?;
-                        if next_seq.get(&name).copied().unwrap_or(0) > seq {
-                            break;
-                        }
-                        attempts -= 1;
-                        continue;
-                    }
-                    Err(status) => return Err(refused_or_failed(status)),
-                };
-                match ack {
-                    chunk_ack::Result::Applied(applied) if applied == seq => break,
-                    chunk_ack::Result::Applied(other) => {
-                        return Err(ShipError::Refused(format!(
-                            "destination acknowledged chunk {other} while {seq} was sent"
-                        )))
-                    }
-                    chunk_ack::Result::ResendFrom(from) if from == seq => {
-                        report.chunks_rejected += 1;
-                        if attempts >= MAX_CHUNK_ATTEMPTS {
-                            return Err(ShipError::ChunkKeepsFailing {
-                                volume: name.clone(),
-                                seq,
-                                attempts,
-                            });
-                        }
-                    }
-                    chunk_ack::Result::ResendFrom(from) => {
-                        return Err(ShipError::Refused(format!(
-                            "destination expects chunk {from} of volume {name}, not {seq}; \
-                             the stream must restart"
-                        )))
-                    }
-                }
-            }
-        }
-        report.bytes_shipped += vreport.wire_bytes;
-        report.volumes.insert(name.clone(), vreport);
-        indexes.insert(name, index);
+            ship_volume(link, volume, base, from_seq)
+        }))
+        .buffer_unordered(PARALLEL_VOLUMES)
+        .try_collect()
+        .await?;
+    let mut indexes: BTreeMap<String, BlockIndex> = BTreeMap::new();
+    for volume in shipped {
+        report.bytes_shipped += volume.report.wire_bytes;
+        report.chunks_rejected += volume.rejected;
+        report.reconnects += volume.reconnects;
+        report.volumes.insert(volume.name.clone(), volume.report);
+        indexes.insert(volume.name, volume.index);
     }
-    drop(stream);
     let commit = CommitRequest {
         header: Some(header),
         volumes: indexes
@@ -460,17 +372,395 @@ pub async fn ship(
     Ok(report)
 }
 
-async fn send_and_ack(
-    stream: &mut Stream,
-    message: ChunkMessage,
-) -> Result<chunk_ack::Result, tonic::Status> {
-    if stream.tx.send(message).await.is_err() {
-        return Err(tonic::Status::unavailable("push stream closed"));
+/// What one volume's stream needs of the sync: a client of its own (sharing the connection),
+/// the Begin to repeat on a reconnect, the header, the faults to inject.
+struct Link<'a> {
+    client: ReplicationClient<Channel>,
+    begin: &'a BeginRequest,
+    header: &'a SyncHeader,
+    faults: &'a Faults,
+}
+
+/// One volume, shipped and acknowledged chunk by chunk.
+struct ShippedVolume {
+    name: String,
+    index: BlockIndex,
+    report: VolumeReport,
+    rejected: u64,
+    reconnects: u32,
+}
+
+/// A chunk read from the mover and not yet applied at the destination: kept for a resend.
+struct Unacked {
+    bytes: Vec<u8>,
+    rejections: u32,
+}
+
+/// The sliding window of one volume's stream. The destination applies chunks strictly in
+/// `seq` order and acknowledges every message it receives, in order: `Applied(seq)`, or
+/// `ResendFrom(seq)` naming the chunk it expects (the one that failed its checksum, or the
+/// first one missing).
+#[derive(Default)]
+struct Window {
+    /// By seq; contiguous from the oldest chunk not yet applied.
+    unacked: BTreeMap<u64, Unacked>,
+    /// Seqs of the messages on the wire, oldest first (one acknowledgement each).
+    in_flight: VecDeque<u64>,
+    /// The seq to put on the wire next.
+    next_send: u64,
+    /// Every seq below this one is applied at the destination.
+    applied_below: u64,
+}
+
+impl Window {
+    /// Takes the acknowledgement of the oldest message on the wire. Returns whether the chunk
+    /// was rejected (its checksum failed at the destination).
+    fn acknowledge(&mut self, name: &str, result: chunk_ack::Result) -> Result<bool, ShipError> {
+        let Some(sent) = self.in_flight.pop_front() else {
+            return Err(ShipError::Refused(format!(
+                "destination acknowledged a chunk of volume {name} that was not sent"
+            )));
+        };
+        match result {
+            chunk_ack::Result::Applied(seq) if seq == sent => {
+                // In-order application: everything up to `seq` is staged.
+                self.applied_below = self.applied_below.max(seq + 1);
+                self.unacked = self.unacked.split_off(&self.applied_below);
+                Ok(false)
+            }
+            chunk_ack::Result::Applied(other) => Err(ShipError::Refused(format!(
+                "destination acknowledged chunk {other} of volume {name} while {sent} was sent"
+            ))),
+            chunk_ack::Result::ResendFrom(from) if from == sent => {
+                if let Some(chunk) = self.unacked.get_mut(&from) {
+                    chunk.rejections += 1;
+                    if chunk.rejections >= MAX_CHUNK_ATTEMPTS {
+                        return Err(ShipError::ChunkKeepsFailing {
+                            volume: name.to_string(),
+                            seq: from,
+                            attempts: chunk.rejections,
+                        });
+                    }
+                }
+                self.next_send = self.next_send.min(from);
+                Ok(true)
+            }
+            chunk_ack::Result::ResendFrom(from)
+                if from < sent
+                    && from >= self.applied_below
+                    && self.unacked.contains_key(&from) =>
+            {
+                // Sent after a chunk the destination is still waiting for. Rewind only if that
+                // chunk is neither on the wire nor due to be sent again already.
+                if !self.in_flight.contains(&from) && self.next_send > from {
+                    self.next_send = from;
+                }
+                Ok(false)
+            }
+            chunk_ack::Result::ResendFrom(from) => Err(ShipError::Refused(format!(
+                "destination expects chunk {from} of volume {name}, not {sent}; \
+                 the stream must restart"
+            ))),
+        }
     }
+
+    /// A new stream after a reconnect, from the destination's `next_seq`.
+    fn resume(&mut self, name: &str, next_seq: u64) -> Result<(), ShipError> {
+        if next_seq < self.applied_below {
+            return Err(ShipError::Refused(format!(
+                "destination lost staged chunks of volume {name}: it expects chunk {next_seq} \
+                 after acknowledging up to {}; the stream must restart",
+                self.applied_below - 1
+            )));
+        }
+        self.in_flight.clear();
+        self.applied_below = next_seq;
+        self.unacked = self.unacked.split_off(&next_seq);
+        self.next_send = next_seq;
+        Ok(())
+    }
+}
+
+async fn ship_volume(
+    mut link: Link<'_>,
+    mut volume: SourceVolume,
+    base: Option<BlockIndex>,
+    from_seq: u64,
+) -> Result<ShippedVolume, ShipError> {
+    let name = volume.spec.volume.clone();
+    let read_failed = |source| ShipError::Read {
+        volume: name.clone(),
+        source,
+    };
+    let generation = link.header.generation;
+    let index = volume
+        .session
+        .read(
+            Generation(generation),
+            base.as_ref(),
+            from_seq,
+            volume.spec.block,
+        )
+        .await
+        .map_err(read_failed)?;
+    let mut shipped = ShippedVolume {
+        name: name.clone(),
+        index,
+        report: VolumeReport {
+            full_copy: base.is_none(),
+            ..VolumeReport::default()
+        },
+        rejected: 0,
+        reconnects: 0,
+    };
+    drop(base);
+    let mut stream = open_stream(&mut link.client)
+        .await
+        .map_err(ShipError::Destination)?;
+    let mut window = Window {
+        next_send: from_seq,
+        applied_below: from_seq,
+        ..Window::default()
+    };
+    let mut read_done = false;
+    loop {
+        // Fill the window: chunks due again first, then new ones from the mover.
+        let mut broken = None;
+        while window.in_flight.len() < WINDOW_CHUNKS {
+            let seq = window.next_send;
+            if let std::collections::btree_map::Entry::Vacant(slot) = window.unacked.entry(seq) {
+                if read_done {
+                    break;
+                }
+                match volume.session.next_chunk().await.map_err(read_failed)? {
+                    ReadItem::Chunk(bytes) => {
+                        let got = crate::delta::DeltaChunk::from_bytes(&bytes)
+                            .map(|c| c.seq)
+                            .map_err(|e| {
+                                read_failed(crate::mover::SessionError::Mover(format!(
+                                    "mover sent a bad chunk: {e}"
+                                )))
+                            })?;
+                        if got < seq {
+                            // Staged already (the destination said so on a resume).
+                            continue;
+                        }
+                        if got > seq {
+                            return Err(read_failed(crate::mover::SessionError::Mover(format!(
+                                "mover sent chunk {got} where {seq} was due"
+                            ))));
+                        }
+                        slot.insert(Unacked {
+                            bytes,
+                            rejections: 0,
+                        });
+                    }
+                    ReadItem::Done(summary) => {
+                        shipped.report.bytes_scanned = summary.bytes_scanned;
+                        shipped.report.blocks_scanned = summary.blocks_scanned;
+                        shipped.report.bytes_changed = summary.bytes_changed;
+                        read_done = true;
+                        continue;
+                    }
+                }
+            }
+            let chunk = window.unacked.get_mut(&seq).expect("inserted above");
+            let mut wire = chunk.bytes.clone();
+            if chunk.rejections == 0 && link.faults.corrupt_chunks.contains(&(name.clone(), seq)) {
+                let last = wire.len() - 1;
+                wire[last] ^= 0x5a;
+            }
+            shipped.report.wire_bytes += wire.len() as u64;
+            let message = ChunkMessage {
+                header: Some(link.header.clone()),
+                volume: name.clone(),
+                seq,
+                chunk: wire,
+            };
+            if stream.tx.send(message).await.is_err() {
+                broken = Some(tonic::Status::unavailable("push stream closed"));
+                break;
+            }
+            window.in_flight.push_back(seq);
+            window.next_send = seq + 1;
+        }
+        if broken.is_none() {
+            if window.in_flight.is_empty() {
+                if read_done && window.unacked.is_empty() {
+                    break;
+                }
+                return Err(ShipError::Refused(format!(
+                    "volume {name}: chunk {} is due but nothing is in flight",
+                    window.next_send
+                )));
+            }
+            match next_ack(&mut stream).await {
+                Ok(result) => {
+                    if window.acknowledge(&name, result)? {
+                        shipped.rejected += 1;
+                    }
+                    continue;
+                }
+                Err(status) => broken = Some(status),
+            }
+        }
+        let status = broken.expect("set above");
+        if !transient(&status) || shipped.reconnects >= MAX_RECONNECTS {
+            return Err(refused_or_failed(status));
+        }
+        // Re-establish, and ask the destination where this volume stands.
+        shipped.reconnects += 1;
+        tracing::warn!(volume = %name, error = %status, "connection lost; resuming");
+        tokio::time::sleep(Duration::from_millis(200 * u64::from(shipped.reconnects))).await;
+        let resumed = link
+            .client
+            .begin(link.begin.clone())
+            .await
+            .map_err(refused_or_failed)?
+            .into_inner();
+        let next_seq = resumed
+            .volumes
+            .iter()
+            .find(|v| v.volume == name)
+            .map_or(0, |v| v.next_seq);
+        window.resume(&name, next_seq)?;
+        stream = open_stream(&mut link.client)
+            .await
+            .map_err(ShipError::Destination)?;
+    }
+    Ok(shipped)
+}
+
+/// The acknowledgement of the oldest message on the stream.
+async fn next_ack(stream: &mut Stream) -> Result<chunk_ack::Result, tonic::Status> {
     match stream.acks.message().await? {
         Some(ack) => ack
             .result
             .ok_or_else(|| tonic::Status::internal("empty chunk acknowledgement")),
         None => Err(tonic::Status::unavailable("push stream ended")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chunk_ack::Result::{Applied, ResendFrom};
+
+    /// A window with chunks `0..n` read and on the wire.
+    fn sent(n: u64) -> Window {
+        let mut window = Window::default();
+        for seq in 0..n {
+            window.unacked.insert(
+                seq,
+                Unacked {
+                    bytes: vec![seq as u8],
+                    rejections: 0,
+                },
+            );
+            window.in_flight.push_back(seq);
+        }
+        window.next_send = n;
+        window
+    }
+
+    #[test]
+    fn in_order_acknowledgements_release_the_chunks_kept_for_resends() {
+        let mut window = sent(3);
+        assert!(!window.acknowledge("v", Applied(0)).unwrap());
+        assert!(!window.acknowledge("v", Applied(1)).unwrap());
+        assert_eq!(window.unacked.keys().copied().collect::<Vec<_>>(), [2]);
+        assert!(!window.acknowledge("v", Applied(2)).unwrap());
+        assert!(window.unacked.is_empty() && window.in_flight.is_empty());
+        assert_eq!((window.applied_below, window.next_send), (3, 3));
+    }
+
+    #[test]
+    fn a_rejected_chunk_rewinds_once_and_the_chunks_behind_it_are_sent_again() {
+        let mut window = sent(4);
+        // Chunk 1 fails its checksum; 2 and 3 arrive out of order behind it.
+        assert!(!window.acknowledge("v", Applied(0)).unwrap());
+        assert!(
+            window.acknowledge("v", ResendFrom(1)).unwrap(),
+            "a rejection"
+        );
+        assert_eq!(window.next_send, 1, "rewound to the rejected chunk");
+        // The sender puts 1 on the wire again before the stale acknowledgements arrive.
+        window.in_flight.push_back(1);
+        window.next_send = 2;
+        assert!(!window.acknowledge("v", ResendFrom(1)).unwrap());
+        assert!(!window.acknowledge("v", ResendFrom(1)).unwrap());
+        assert_eq!(
+            window.next_send, 2,
+            "no second rewind while 1 is on the wire"
+        );
+        assert!(!window.acknowledge("v", Applied(1)).unwrap());
+        assert_eq!(window.unacked.keys().copied().collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn a_stale_acknowledgement_rewinds_when_the_awaited_chunk_is_not_on_the_wire() {
+        let mut window = sent(3);
+        window.in_flight.pop_front(); // 0's acknowledgement was lost with its rejection
+        window.unacked.get_mut(&0).unwrap().rejections = 1;
+        assert!(!window.acknowledge("v", ResendFrom(0)).unwrap());
+        assert_eq!(window.next_send, 0);
+    }
+
+    #[test]
+    fn a_chunk_that_keeps_failing_ends_the_sync_naming_it() {
+        let mut window = sent(1);
+        for attempt in 1..MAX_CHUNK_ATTEMPTS {
+            assert!(
+                window.acknowledge("disk", ResendFrom(0)).unwrap(),
+                "{attempt}"
+            );
+            window.in_flight.push_back(0);
+        }
+        match window.acknowledge("disk", ResendFrom(0)) {
+            Err(ShipError::ChunkKeepsFailing {
+                volume,
+                seq,
+                attempts,
+            }) => assert_eq!(
+                (volume.as_str(), seq, attempts),
+                ("disk", 0, MAX_CHUNK_ATTEMPTS)
+            ),
+            other => panic!("expected ChunkKeepsFailing, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_the_stream_are_refused() {
+        let mut window = sent(2);
+        assert!(matches!(
+            window.acknowledge("v", Applied(1)),
+            Err(ShipError::Refused(m)) if m.contains("acknowledged chunk 1 of volume v while 0")
+        ));
+        let mut window = sent(2);
+        assert!(matches!(
+            window.acknowledge("v", ResendFrom(5)),
+            Err(ShipError::Refused(m)) if m.contains("expects chunk 5")
+        ));
+        let mut window = Window::default();
+        assert!(matches!(
+            window.acknowledge("v", Applied(0)),
+            Err(ShipError::Refused(m)) if m.contains("not sent")
+        ));
+    }
+
+    #[test]
+    fn a_resume_continues_from_the_destination_and_never_goes_back() {
+        let mut window = sent(4);
+        window.acknowledge("v", Applied(0)).unwrap();
+        // The destination staged 1 and 2 but their acknowledgements were lost.
+        window.resume("v", 3).unwrap();
+        assert!(window.in_flight.is_empty());
+        assert_eq!(window.unacked.keys().copied().collect::<Vec<_>>(), [3]);
+        assert_eq!((window.next_send, window.applied_below), (3, 3));
+        // A destination that forgot acknowledged chunks cannot be resumed.
+        match window.resume("v", 1) {
+            Err(ShipError::Refused(m)) => assert!(m.contains("lost staged chunks"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }
