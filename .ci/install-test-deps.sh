@@ -9,6 +9,8 @@ command -v unshare >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 # The lab's real Kubernetes control plane (ferry-lab --control-plane kubernetes) runs etcd.
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+# Copy-on-write node storage for the lab (XFS with reflink on a loop device).
+command -v mkfs.xfs >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.xfs ] || need_apt+=(xfsprogs)
 # The lab's postgres image runs the machine's server binaries.
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need_apt+=(postgresql)
 

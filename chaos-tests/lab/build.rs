@@ -3,7 +3,7 @@
 //! instead of passing it. With `CI=true` nothing is ignored: the tests run and fail with the
 //! hint, as CI installs everything (`.ci/install-test-deps.sh`, `.ci/kube-kit.sh`).
 //!
-//! Emits `lab_no_kube_kit`, `lab_no_helm`, `lab_no_kubectl`, `lab_no_postgres`. Rebuilt when
+//! Emits `lab_no_kube_kit`, `lab_no_helm`, `lab_no_kubectl`, `lab_no_postgres`, `lab_no_xfs`. Rebuilt when
 //! `PATH`, `HELM`, `FERRY_LAB_KUBE_BIN` or `CI` change.
 
 use std::path::{Path, PathBuf};
@@ -48,6 +48,17 @@ fn postgres() -> bool {
     (debian || on_path_server) && on_path("psql").is_some() && on_path("pgbench").is_some()
 }
 
+/// Copy-on-write node storage: root and `mkfs.xfs`, as `node::backing` needs them.
+fn xfs() -> bool {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find(|l| l.starts_with("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(2))
+            == Some("0")
+    });
+    root && (on_path("mkfs.xfs").is_some() || Path::new("/usr/sbin/mkfs.xfs").is_file())
+}
+
 fn main() {
     for var in ["PATH", "HELM", "FERRY_LAB_KUBE_BIN", "CI"] {
         println!("cargo::rerun-if-env-changed={var}");
@@ -64,6 +75,7 @@ fn main() {
         ),
         ("lab_no_kubectl", on_path("kubectl").is_some()),
         ("lab_no_postgres", postgres()),
+        ("lab_no_xfs", xfs()),
     ];
     let ci = std::env::var("CI").as_deref() == Ok("true");
     for (cfg, present) in tools {

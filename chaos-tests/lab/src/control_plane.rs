@@ -85,6 +85,9 @@ pub struct LabSettings {
     /// own (only for [`ControlPlane::Kubernetes`]).
     #[serde(default)]
     pub snapshot_crds: Option<PathBuf>,
+    /// What backs each node's storage (copy-on-write where possible, by default).
+    #[serde(default)]
+    pub node_storage: crate::node::backing::NodeStorage,
 }
 
 impl LabSettings {
@@ -120,6 +123,7 @@ impl LabSettings {
         if let Some(dir) = &self.snapshot_crds {
             args.extend(["--snapshot-crds".into(), dir.display().to_string()]);
         }
+        args.extend(["--node-storage".into(), self.node_storage.as_str().into()]);
         args
     }
 
@@ -194,6 +198,7 @@ pub fn kubernetes_for_test(test: &str) -> LabSettings {
             control_plane: ControlPlane::Kubernetes,
             kube_bin: std::env::var_os(KUBE_BIN_ENV).map(PathBuf::from),
             snapshot_crds: std::env::var_os(SNAPSHOT_CRDS_ENV).map(PathBuf::from),
+            node_storage: Default::default(),
         },
         Err(e) => panic!("{test}: {e:#}"),
     }

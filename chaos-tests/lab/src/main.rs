@@ -42,6 +42,16 @@ struct PlaneArgs {
     /// (default: the lab's own definitions).
     #[arg(long, env = "FERRY_LAB_SNAPSHOT_CRDS")]
     snapshot_crds: Option<PathBuf>,
+    /// What backs each node's volumes and snapshots: `auto` (XFS with reflink on a loop
+    /// device when root and mkfs.xfs allow, plain directories otherwise), `reflink` (or fail),
+    /// `copies` (plain directories; every snapshot is a full copy).
+    #[arg(
+        long,
+        value_enum,
+        default_value = "auto",
+        env = "FERRY_LAB_NODE_STORAGE"
+    )]
+    node_storage: ferry_lab::node::backing::NodeStorage,
 }
 
 impl PlaneArgs {
@@ -60,6 +70,7 @@ impl PlaneArgs {
             control_plane: self.control_plane,
             kube_bin: self.kube_bin.clone(),
             snapshot_crds: self.snapshot_crds.clone(),
+            node_storage: self.node_storage,
         })
     }
 }
@@ -396,6 +407,10 @@ fn up(
             settings.control_plane.as_str()
         );
         println!(
+            "  node storage: {}",
+            ferry_lab::node::backing::describe(&SiteLayout::in_lab(&dir, name))
+        );
+        println!(
             "  kubectl --kubeconfig {} get ns",
             SiteLayout::in_lab(&dir, name).kubeconfig().display()
         );
@@ -432,6 +447,10 @@ fn status(dir: &Path) -> Result<()> {
             Some(pid) => println!("site {name}: running (pid {pid}) at {}", r.url()),
             None => println!("site {name}: stopped"),
         }
+        println!(
+            "  node storage: {}",
+            ferry_lab::node::backing::describe(&paths)
+        );
     }
     for id in witnesses::list_witnesses(dir) {
         let layout = witnesses::WitnessLayout::in_lab(dir, id);

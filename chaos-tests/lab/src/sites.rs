@@ -184,7 +184,9 @@ pub fn start_site(dir: &Path, name: &str, index: usize, timeout: Duration) -> Re
     }
     std::fs::create_dir_all(&paths.root)
         .with_context(|| format!("creating {}", paths.root.display()))?;
-    let plane = LabSettings::read(dir)?.control_plane;
+    let settings = LabSettings::read(dir)?;
+    let plane = settings.control_plane;
+    crate::node::backing::prepare(&paths, settings.node_storage)?;
     if paths.read_record().is_err() {
         // First start: port 0 lets the lab's API server pick a free port, which it records
         // for restarts; kube-apiserver takes its usual port on the site's own address.
@@ -366,6 +368,7 @@ pub fn down(dir: &Path) -> Result<()> {
             }
             Err(_) => println!("site {name}: not running"),
         }
+        crate::node::backing::release(&SiteLayout::in_lab(dir, &name))?;
     }
     for id in crate::witnesses::list_witnesses(dir) {
         if crate::witnesses::WitnessLayout::in_lab(dir, id)

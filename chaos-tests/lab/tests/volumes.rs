@@ -42,7 +42,10 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir")).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir) -> Self {
         let site = SiteRuntime::start("t", dir.path(), "127.0.0.1:0".parse().unwrap())
             .await
             .expect("site starts");
@@ -64,8 +67,10 @@ impl Lab {
         }
     }
 
-    async fn stop(self) {
+    /// Stops the site; returns its directory, removed when dropped.
+    async fn stop(self) -> tempfile::TempDir {
         self.site.shutdown().await;
+        self._dir
     }
 
     fn claims(&self) -> Api<PersistentVolumeClaim> {
@@ -599,6 +604,103 @@ async fn deleting_snapshots_and_claims_removes_their_data() {
             .await;
         }
         lab.stop().await;
+    })
+    .await;
+}
+
+/// Bytes in use on the filesystem holding `path` (`statvfs`: blocks in use times fragment size).
+fn used_bytes(path: &Path) -> u64 {
+    let fs = rustix::fs::statvfs(path).expect("statvfs");
+    (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+}
+
+/// Unmounts the node storage however the test ends, before its directory goes.
+struct Mounted(ferry_lab::sites::SiteLayout);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Err(e) = ferry_lab::node::backing::release(&self.0) {
+            eprintln!("unmounting {}: {e:#}", self.0.node().display());
+        }
+    }
+}
+
+/// On copy-on-write node storage (XFS with reflink, as `ferry-lab up` makes it when root and
+/// mkfs.xfs allow), a snapshot and a restore of a volume share its extents: they take no
+/// space, yet each keeps its own content when the others change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    lab_no_xfs,
+    ignore = "copy-on-write node storage needs root and mkfs.xfs (apt-get install xfsprogs)"
+)]
+async fn snapshots_and_restores_share_extents_on_copy_on_write_storage() {
+    use ferry_lab::node::backing::{self, Backing, NodeStorage};
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = ferry_lab::sites::SiteLayout::new(dir.path());
+        let backing =
+            backing::prepare(&layout, NodeStorage::Reflink).unwrap_or_else(|e| panic!("{e:#}"));
+        let mounted = Mounted(layout.clone());
+        assert!(matches!(backing, Backing::Reflink(_)), "{backing}");
+        assert_eq!(backing::describe(&layout), backing);
+        let lab = Lab::start_in(dir).await;
+        let mut rng = StdRng::seed_from_u64(23);
+        lab.claim("raw", VolumeMode::Block, "64Mi", None).await;
+        lab.claim("files", VolumeMode::Filesystem, "1Gi", None)
+            .await;
+        let (raw, _) = lab.bound("raw").await;
+        let (files, _) = lab.bound("files").await;
+        // 48 MiB of data in the image, 12 MiB in one file of the tree.
+        let data = random_bytes(&mut rng, (48 * MIB) as usize);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&raw)
+            .unwrap()
+            .write_all_at(&data, 0)
+            .unwrap();
+        std::fs::write(files.join("table"), &data[..(12 * MIB) as usize]).unwrap();
+        let node = layout.node();
+        rustix::fs::sync();
+        let before = used_bytes(&node);
+
+        lab.snapshot("raw-snap", "raw").await;
+        lab.snapshot("files-snap", "files").await;
+        let (_, _, raw_copy) = lab.ready("raw-snap").await;
+        let (_, _, files_copy) = lab.ready("files-snap").await;
+        lab.claim("raw-restored", VolumeMode::Block, "64Mi", Some("raw-snap"))
+            .await;
+        let (restored, _) = lab.bound("raw-restored").await;
+        rustix::fs::sync();
+        let grown = used_bytes(&node).saturating_sub(before);
+        assert!(
+            grown < 4 * MIB,
+            "two snapshots and a restore of 60 MiB of data took {grown} bytes"
+        );
+        let raw_digest = digest(&raw);
+        assert_eq!(digest(&raw_copy), raw_digest);
+        assert_eq!(digest(&restored), raw_digest);
+        assert_eq!(digest(&files_copy), digest(&files));
+
+        // Shared until written: the volume moves on, its snapshot and restore do not.
+        write_blocks(&raw, &mut rng, 64);
+        assert_ne!(digest(&raw), raw_digest);
+        assert_eq!(
+            digest(&raw_copy),
+            raw_digest,
+            "the snapshot kept its instant"
+        );
+        assert_eq!(
+            digest(&restored),
+            raw_digest,
+            "the restore kept the snapshot's"
+        );
+        let dir = lab.stop().await;
+        drop(mounted);
+        drop(dir);
+        assert!(
+            !backing::is_mount_point(&layout.node()),
+            "the node storage is unmounted"
+        );
     })
     .await;
 }

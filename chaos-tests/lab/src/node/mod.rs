@@ -14,6 +14,7 @@
 //! starts and stops, and the [`volumes::VolumeUsers`] registry that lets a snapshot freeze
 //! the processes writing to a volume for the instant of the copy, as `fsfreeze` does.
 
+pub mod backing;
 pub mod catalog;
 pub mod kubelet;
 pub mod probes;
