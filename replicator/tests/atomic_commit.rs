@@ -166,6 +166,7 @@ async fn a_killed_destination_always_holds_exactly_one_source_generation() {
             pair_json: b"{}".to_vec(),
             manifests_json: b"[]".to_vec(),
             capture_time_unix_seconds: generation as f64,
+            quick_check: true,
         };
         let kill_after = if rng.random_bool(0.7) {
             Some(Duration::from_micros(rng.random_range(
@@ -253,6 +254,7 @@ async fn a_killed_destination_always_holds_exactly_one_source_generation() {
         pair_json: b"{}".to_vec(),
         manifests_json: b"[]".to_vec(),
         capture_time_unix_seconds: generation as f64,
+        quick_check: true,
     };
     tokio::time::timeout(
         STEP,

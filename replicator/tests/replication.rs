@@ -35,6 +35,7 @@ fn request(generation: u64, epoch: u64) -> ShipRequest {
         manifests_json: br#"[{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c"}}]"#
             .to_vec(),
         capture_time_unix_seconds: 1.0e9 + generation as f64,
+        quick_check: true,
     }
 }
 
@@ -374,4 +375,170 @@ async fn a_released_pair_is_kept_or_removed_and_a_superseded_site_cannot_release
     assert!(report.volumes.values().all(|v| v.full_copy));
     assert_eq!(checksum(&g1("files")), checksum(&tree));
     dest.stop().await;
+}
+
+/// Filesystem volumes skip files whose size and mtime are unchanged since the base generation
+/// (rsync's quick check); a file rewritten in place with its old size and mtime restored
+/// slips through it and is caught by the next full-scan generation (`spec.fullScanEvery`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_check_skips_unchanged_files_and_a_full_scan_catches_restored_mtimes() {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    let Setup {
+        dir: _dir,
+        dest,
+        mut rpc,
+        hashes,
+        tree,
+        image,
+        mut rng,
+    } = Setup::start(13).await;
+    // Cold files, last written an hour ago, as most of a database's files are.
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    let file = |i: u32| tree.join(format!("a/b/file{i}"));
+    let touch = |path: &Path, when: SystemTime| {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    };
+    for i in 0..40 {
+        touch(&file(i), an_hour_ago);
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let sync = |generation: u64, quick_check: bool| ShipRequest {
+        capture_time_unix_seconds: now + generation as f64,
+        quick_check,
+        ..request(generation, 1)
+    };
+    let first = ship(
+        &mut rpc,
+        &hashes,
+        &sync(1, true),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        first.volumes["files"].bytes_unread, 0,
+        "no base: everything read"
+    );
+
+    // One file changes as usual; another is rewritten in place, same size, mtime restored.
+    let changed = file(3);
+    std::fs::write(&changed, random_bytes(&mut rng, 1000)).unwrap();
+    let sneaky = file(7);
+    let before_sneaky = std::fs::read(&sneaky).unwrap();
+    std::fs::write(&sneaky, random_bytes(&mut rng, before_sneaky.len())).unwrap();
+    touch(&sneaky, an_hour_ago);
+    let total: u64 = (0..40)
+        .map(|i| std::fs::metadata(file(i)).unwrap().len())
+        .sum();
+    let quick = ship(
+        &mut rpc,
+        &hashes,
+        &sync(2, true),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let unread = quick.volumes["files"].bytes_unread;
+    assert_eq!(
+        unread,
+        total - std::fs::metadata(&changed).unwrap().len(),
+        "every file but the one with a new mtime was taken from the index unread"
+    );
+    assert_eq!(
+        quick.volumes["disk"].bytes_unread, 0,
+        "images are always read"
+    );
+    let g2 = dest.replicas.generation_path(&pair(), 2, "files");
+    assert_eq!(
+        std::fs::read(g2.join("a/b/file3")).unwrap(),
+        std::fs::read(&changed).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(g2.join("a/b/file7")).unwrap(),
+        before_sneaky,
+        "the quick check cannot see a rewrite whose mtime was restored"
+    );
+
+    // The full-scan generation reads every file and catches it.
+    let full = ship(
+        &mut rpc,
+        &hashes,
+        &sync(3, false),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(full.volumes["files"].bytes_unread, 0);
+    let g3 = dest.replicas.generation_path(&pair(), 3, "files");
+    assert_eq!(
+        checksum(&g3),
+        checksum(&tree),
+        "the full scan caught the rewrite"
+    );
+    assert_eq!(
+        checksum(&dest.replicas.generation_path(&pair(), 3, "disk")),
+        checksum(&image)
+    );
+    assert!(
+        full.volumes["files"].bytes_changed < total / 4,
+        "only the rewritten file travelled: {} of {total} bytes",
+        full.volumes["files"].bytes_changed
+    );
+
+    // A file written just before the base's capture is never trusted (same clock tick).
+    let recent = file(11);
+    std::fs::write(&recent, random_bytes(&mut rng, 500)).unwrap();
+    let recent_mtime = std::fs::metadata(&recent).unwrap().modified().unwrap();
+    let base_capture = recent_mtime
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let request4 = ShipRequest {
+        capture_time_unix_seconds: base_capture,
+        quick_check: false,
+        ..request(4, 1)
+    };
+    ship(
+        &mut rpc,
+        &hashes,
+        &request4,
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    std::fs::write(&recent, random_bytes(&mut rng, 500)).unwrap();
+    touch(&recent, recent_mtime);
+    ship(
+        &mut rpc,
+        &hashes,
+        &sync(5, true),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        checksum(&dest.replicas.generation_path(&pair(), 5, "files")),
+        checksum(&tree),
+        "a file modified within the margin of the base's capture was read"
+    );
+    dest.stop().await;
+}
+
+fn random_bytes(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rng.fill(&mut data[..]);
+    data
 }

@@ -110,10 +110,24 @@ pub struct DRPairSpec {
     /// always retains.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Filesystem volumes: every this many generations the source reads every file. In the
+    /// others a file whose size and modification time (ns) match the previous generation is
+    /// not read (rsync's and restic's quick check), which misses only a file rewritten in
+    /// place with its old mtime restored. At least 1 (1: always read everything); default 24.
+    #[serde(default = "default_full_scan_every")]
+    #[schemars(range(min = 1))]
+    pub full_scan_every: u32,
 }
 
 fn default_retain_generations() -> u32 {
     DEFAULT_RETAIN_GENERATIONS
+}
+
+/// Default of `spec.fullScanEvery`: with `rpo: 1m`, a full read about every 24 minutes.
+pub const DEFAULT_FULL_SCAN_EVERY: u32 = 24;
+
+fn default_full_scan_every() -> u32 {
+    DEFAULT_FULL_SCAN_EVERY
 }
 
 /// Manifest rewrites applied at the destination, in this order: labels,

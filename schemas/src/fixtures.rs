@@ -51,6 +51,7 @@ pub fn drpair(name: &str, namespace: &str) -> DRPairBuilder {
         failover: Default::default(),
         retain_generations: crate::drpair::DEFAULT_RETAIN_GENERATIONS,
         deletion_policy: Default::default(),
+        full_scan_every: crate::drpair::DEFAULT_FULL_SCAN_EVERY,
     };
     let mut pair = DRPair::new(name, spec);
     pair.metadata.namespace = Some(namespace.to_owned());
@@ -179,6 +180,12 @@ impl DRPairBuilder {
     /// Sets `spec.retainGenerations`.
     pub fn retain(mut self, generations: u32) -> Self {
         self.pair.spec.retain_generations = generations;
+        self
+    }
+
+    /// Sets `spec.fullScanEvery`.
+    pub fn full_scan_every(mut self, generations: u32) -> Self {
+        self.pair.spec.full_scan_every = generations;
         self
     }
 

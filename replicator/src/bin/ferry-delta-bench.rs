@@ -4,8 +4,10 @@
 //! loopback), plus the full-read hashing rate of Ferry's scanner against `b3sum`.
 //!
 //! Usage: `cargo build --release -p ferry-replicator --bins && ./target/release/ferry-delta-bench
-//! [--size-mib N] [--seed N] [--dir PATH] [--keep]`. Peers whose binary is absent are skipped
-//! with a message.
+//! [--size-mib N] [--seed N] [--dir PATH] [--keep] [--json]`. Peers whose binary is absent are
+//! skipped with a message. With `--json`, stdout carries one JSON object per row (`name`,
+//! `wall_s`, `cpu_s`, `wire_bytes`, `read_bytes`, `peak_rss_mib`; null where not measured) and
+//! everything else goes to stderr.
 //! Everything runs on a warm page cache (the image was just written), for every tool alike.
 //! rsync runs with `--ignore-times`: the copies it updates were made within the same second
 //! as the writes, and its size+mtime quick check would otherwise skip them.
@@ -26,6 +28,20 @@ use ferry_replicator::delta::{
 };
 
 const MIB: u64 = 1 << 20;
+
+/// Set by `--json`: human-readable lines go to stderr, stdout carries only JSON rows.
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `println!` for the human-readable report: stdout, or stderr under `--json`.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if JSON.load(std::sync::atomic::Ordering::Relaxed) {
+            eprintln!($($arg)*)
+        } else {
+            println!($($arg)*)
+        }
+    };
+}
 const BLOCK: u64 = 4096;
 
 struct Args {
@@ -34,6 +50,7 @@ struct Args {
     seed: u64,
     dir: Option<PathBuf>,
     keep: bool,
+    json: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -43,6 +60,7 @@ fn parse_args() -> Result<Args> {
         seed: 1,
         dir: None,
         keep: false,
+        json: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,9 +71,10 @@ fn parse_args() -> Result<Args> {
             "--sparse-gib" => args.sparse_gib = value()?.parse().context("parsing --sparse-gib")?,
             "--dir" => args.dir = Some(PathBuf::from(value()?)),
             "--keep" => args.keep = true,
+            "--json" => args.json = true,
             "--help" | "-h" => {
                 println!(
-                    "ferry-delta-bench [--size-mib N (1024)] [--sparse-gib N (16; 0 skips)] [--seed N (1)] [--dir PATH] [--keep]"
+                    "ferry-delta-bench [--size-mib N (1024)] [--sparse-gib N (16; 0 skips)] [--seed N (1)] [--dir PATH] [--keep] [--json]"
                 );
                 std::process::exit(0);
             }
@@ -147,20 +166,56 @@ fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / MIB as f64)
 }
 
-/// A peak resident set and the resident set it grew from, for the table: `115 (52)`.
-fn peak_from(peak: u64, baseline: u64) -> String {
-    format!("{} ({})", mib(peak), mib(baseline))
+/// The peak resident set of one process in bytes, and the resident set it grew from.
+#[derive(Clone, Copy, Debug)]
+struct Peak {
+    peak: u64,
+    baseline: u64,
+}
+
+fn peak_from(peak: u64, baseline: u64) -> Peak {
+    Peak { peak, baseline }
 }
 
 /// One row of the results table.
+#[derive(Clone, Debug)]
 struct Row {
     name: String,
     wall: Duration,
     cpu_s: f64,
     wire_bytes: Option<u64>,
-    /// Peak resident set in MiB and, in brackets, the resident set it grew from, formatted
-    /// (e.g. `42 (30)`, or `40 (30) + 75 (20)` for source + destination).
-    peak_rss: Option<String>,
+    /// Bytes read from the source volume (scan plus changed blocks), where known.
+    read_bytes: Option<u64>,
+    /// Per process (source, then destination): empty when not measured.
+    peaks: Vec<Peak>,
+}
+
+impl Row {
+    /// `42 (30)`, or `40 (30) + 75 (20)` for source + destination: peak MiB (grown from).
+    fn peak_text(&self) -> String {
+        if self.peaks.is_empty() {
+            return "–".into();
+        }
+        self.peaks
+            .iter()
+            .map(|p| format!("{} ({})", mib(p.peak), mib(p.baseline)))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+
+    /// The `--json` form: one object, figures in seconds, bytes and MiB.
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name.trim_matches('*').trim(),
+            "wall_s": self.wall.as_secs_f64(),
+            "cpu_s": self.cpu_s,
+            "wire_bytes": self.wire_bytes,
+            "read_bytes": self.read_bytes,
+            "peak_rss_mib": (!self.peaks.is_empty()).then(|| {
+                self.peaks.iter().map(|p| p.peak).sum::<u64>() as f64 / MIB as f64
+            }),
+        })
+    }
 }
 
 /// Deterministic pseudo-random bytes: BLAKE3's extendable output keyed by the seed.
@@ -190,7 +245,7 @@ fn write_random_image(path: &Path, size: u64, seed: u64) -> Result<()> {
 /// Scans a sparse image of `--sparse-gib` GiB holding 64 MiB of random data (64 extents of
 /// 1 MiB, spread evenly) with Ferry's scanner and with `b3sum`, and prints time and bytes
 /// read: the scanner reads only the data extents (`SEEK_DATA`/`SEEK_HOLE`), b3sum every byte.
-fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
+fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<Vec<Row>> {
     let size = args.sparse_gib << 30;
     let path = dir.join("sparse.img");
     let file = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
@@ -207,7 +262,7 @@ fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
         block_size: BlockSize::default(),
         hash_threads: threads.try_into().context("thread count")?,
     };
-    let start = Instant::now();
+    let (before, start) = (cpu_of("self")?, Instant::now());
     let scanned = scan(
         &VolumeSnapshot::Image(path.clone()),
         &options,
@@ -215,7 +270,16 @@ fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
     )
     .context("scanning the sparse image")?;
     let ferry = start.elapsed();
-    println!(
+    let mut rows = vec![hash_row(
+        format!(
+            "Ferry scanner, {} GiB sparse image holding 64 MiB",
+            args.sparse_gib
+        ),
+        ferry,
+        cpu_of("self")?.own - before.own,
+        scanned.stats.bytes_scanned,
+    )];
+    say!(
         "sparse {} GiB image holding 64 MiB: Ferry scanner {:.3} s, read {} MiB, skipped {} MiB unread",
         args.sparse_gib,
         ferry.as_secs_f64(),
@@ -223,7 +287,7 @@ fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
         scanned.stats.bytes_skipped / MIB
     );
     if has_binary("b3sum") {
-        let start = Instant::now();
+        let (before, start) = (cpu_of("self")?, Instant::now());
         let status = Command::new("b3sum")
             .arg(format!("--num-threads={threads}"))
             .arg(&path)
@@ -234,7 +298,13 @@ fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
             bail!("b3sum failed: {status}");
         }
         let b3 = start.elapsed();
-        println!(
+        rows.push(hash_row(
+            format!("b3sum, {} GiB sparse image holding 64 MiB", args.sparse_gib),
+            b3,
+            cpu_of("self")?.children - before.children,
+            size,
+        ));
+        say!(
             "sparse {} GiB image: b3sum {:.3} s reading all {} MiB; Ferry/b3sum time {:.4}",
             args.sparse_gib,
             b3.as_secs_f64(),
@@ -243,7 +313,7 @@ fn sparse_scan(args: &Args, dir: &Path, threads: usize) -> Result<()> {
         );
     }
     fs::remove_file(&path)?;
-    Ok(())
+    Ok(rows)
 }
 
 /// Overwrites 1% of the image's 4 KiB blocks (distinct, aligned) with random bytes.
@@ -290,7 +360,8 @@ fn has_binary(name: &str) -> bool {
 }
 
 /// One Ferry sync of `source` into `target` against the stored index; chunks go through their
-/// wire form as a transport would carry them. Returns (wire bytes, blocks changed).
+/// wire form as a transport would carry them. Returns (wire bytes, blocks changed, bytes read
+/// from the source: the scan plus the changed blocks read again for the chunks).
 fn ferry_sync(
     store: &HashStore,
     key: &VolumeKey,
@@ -298,7 +369,7 @@ fn ferry_sync(
     target: &Path,
     generation: u64,
     scan_options: &ScanOptions,
-) -> Result<(u64, u64)> {
+) -> Result<(u64, u64, u64)> {
     let snapshot = VolumeSnapshot::Image(source.to_path_buf());
     let previous = store.load(key).context("loading index")?.into_previous();
     let scanned = scan(&snapshot, scan_options, Generation(generation)).context("scanning")?;
@@ -319,7 +390,11 @@ fn ferry_sync(
         .context("finishing")?;
     store.save(key, &scanned.index).context("saving index")?;
     let summary = stream.summary();
-    Ok((summary.wire_bytes, summary.blocks_changed))
+    Ok((
+        summary.wire_bytes,
+        summary.blocks_changed,
+        plan.stats.bytes_scanned + plan.stats.bytes_changed,
+    ))
 }
 
 /// "Total bytes sent: 1,234" and "Total bytes received: 56" summed from rsync's --stats.
@@ -464,6 +539,7 @@ fn rsync_daemon_row(
 ) -> Result<Row> {
     let before = daemon.cpu_after_idle()?;
     let url = format!("rsync://127.0.0.1:{}/ferry/{dest_name}", daemon.port);
+    let size = fs::metadata(source)?.len();
     let source = source.display().to_string();
     let mut args = vec!["--inplace", "--no-whole-file", "--ignore-times", "--stats"];
     args.extend_from_slice(extra);
@@ -476,8 +552,10 @@ fn rsync_daemon_row(
         wall,
         cpu_s: client_cpu + (after - before),
         wire_bytes: wire,
+        // rsync reads the whole source file to find what changed.
+        read_bytes: Some(size),
         // The daemon serves each connection from a forked child, whose peak is not read.
-        peak_rss: None,
+        peaks: Vec::new(),
     })
 }
 
@@ -570,6 +648,7 @@ impl GrpcPath {
                 pair_json: b"{}".to_vec(),
                 manifests_json: b"[]".to_vec(),
                 capture_time_unix_seconds: generation as f64,
+                quick_check: true,
             };
             let volume = SourceVolume {
                 spec: VolumeSpec {
@@ -594,11 +673,10 @@ impl GrpcPath {
         let wall = start.elapsed();
         // The relay counts once the connection's bytes are through; the commit ack was.
         let cpu_s = cpu_of("self")?.own - own.own + cpu_of(&receiver_pid)?.own - theirs.own;
-        let peak = format!(
-            "{} + {}",
+        let peaks = vec![
             peak_from(peak_rss("self")?, base_self),
-            peak_from(peak_rss(&receiver_pid)?, base_receiver)
-        );
+            peak_from(peak_rss(&receiver_pid)?, base_receiver),
+        ];
         let wire = self.counted.load(std::sync::atomic::Ordering::Relaxed) - counted;
         let copy = self
             .replicas
@@ -617,7 +695,14 @@ impl GrpcPath {
             wall,
             cpu_s,
             wire_bytes: Some(wire),
-            peak_rss: Some(peak),
+            read_bytes: Some(
+                report
+                    .volumes
+                    .values()
+                    .map(|v| v.bytes_scanned + v.bytes_changed)
+                    .sum(),
+            ),
+            peaks,
         })
     }
 }
@@ -670,11 +755,24 @@ async fn relay(
     Ok(addr)
 }
 
+/// A row for reading and hashing `read_bytes` once.
+fn hash_row(name: String, wall: Duration, cpu_s: f64, read_bytes: u64) -> Row {
+    Row {
+        name,
+        wall,
+        cpu_s,
+        wire_bytes: None,
+        read_bytes: Some(read_bytes),
+        peaks: Vec::new(),
+    }
+}
+
 fn mib_per_s(bytes: u64, wall: Duration) -> f64 {
     bytes as f64 / MIB as f64 / wall.as_secs_f64()
 }
 
 fn run(args: &Args) -> Result<()> {
+    JSON.store(args.json, std::sync::atomic::Ordering::Relaxed);
     let size = args.size_mib * MIB;
     let dir = args.dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("ferry-delta-bench-{}", std::process::id()))
@@ -689,7 +787,7 @@ fn run(args: &Args) -> Result<()> {
 
 fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
+    say!(
         "ferry-delta-bench: {} MiB image, seed {}, {} CPUs, dir {}",
         args.size_mib,
         args.seed,
@@ -710,16 +808,18 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             block_size: BlockSize::default(),
             hash_threads: hash_threads.try_into().context("thread count")?,
         };
-        let start = Instant::now();
+        let (before, start) = (cpu_of("self")?, Instant::now());
         scan(&snapshot, &options, Generation(0)).context("scanning for the hashing rate")?;
-        hash_rows.push((
+        hash_rows.push(hash_row(
             format!("Ferry scanner, 4 KiB blocks, {hash_threads} thread(s)"),
-            mib_per_s(size, start.elapsed()),
+            start.elapsed(),
+            cpu_of("self")?.own - before.own,
+            size,
         ));
     }
     if has_binary("b3sum") {
         for hash_threads in [threads, 1] {
-            let start = Instant::now();
+            let (before, start) = (cpu_of("self")?, Instant::now());
             let status = Command::new("b3sum")
                 .arg(format!("--num-threads={hash_threads}"))
                 .arg(&source)
@@ -729,18 +829,22 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             if !status.success() {
                 bail!("b3sum failed: {status}");
             }
-            hash_rows.push((
+            hash_rows.push(hash_row(
                 format!("b3sum (whole file, mmap), {hash_threads} thread(s)"),
-                mib_per_s(size, start.elapsed()),
+                start.elapsed(),
+                cpu_of("self")?.children - before.children,
+                size,
             ));
         }
     } else {
-        println!("b3sum not found: skipping its hashing rate (apt-get install b3sum)");
+        say!("b3sum not found: skipping its hashing rate (apt-get install b3sum)");
     }
 
-    if args.sparse_gib > 0 {
-        sparse_scan(args, dir, threads)?;
-    }
+    let sparse_rows = if args.sparse_gib > 0 {
+        sparse_scan(args, dir, threads)?
+    } else {
+        Vec::new()
+    };
 
     // Generation 1: Ferry's full copy; rsync's destinations start as plain copies.
     let store = HashStore::open(dir.join("hashes")).context("opening hash store")?;
@@ -749,13 +853,15 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
     let before = cpu_of("self")?;
     let baseline = reset_peak_rss("self")?;
     let start = Instant::now();
-    let (full_wire, _) = ferry_sync(&store, &key, &source, &ferry_target, 1, &scan_options)?;
+    let (full_wire, _, full_read) =
+        ferry_sync(&store, &key, &source, &ferry_target, 1, &scan_options)?;
     let full_row = Row {
         name: "Ferry full copy (generation 1, same path, empty index)".into(),
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: Some(full_wire),
-        peak_rss: Some(peak_from(peak_rss("self")?, baseline)),
+        read_bytes: Some(full_read),
+        peaks: vec![peak_from(peak_rss("self")?, baseline)],
     };
     let receiver_exe = std::env::current_exe()?.with_file_name("ferry-replicator");
     let grpc = if receiver_exe.exists() {
@@ -763,7 +869,7 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         let first = grpc.ship(&source, 1)?;
         Some((grpc, first))
     } else {
-        println!(
+        say!(
             "{} not found: skipping the gRPC rows (cargo build --release -p ferry-replicator --bins)",
             receiver_exe.display()
         );
@@ -778,33 +884,28 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
     }
 
     let written = one_percent_writes(&source, size, args.seed)?;
-    println!(
+    say!(
         "wrote {written} random 4 KiB blocks (1% of {})\n",
         size / BLOCK
     );
 
     let mut rows = vec![full_row];
     if let Some((grpc, first)) = &grpc {
-        rows.push(Row {
-            name: first.name.clone(),
-            wall: first.wall,
-            cpu_s: first.cpu_s,
-            wire_bytes: first.wire_bytes,
-            peak_rss: first.peak_rss.clone(),
-        });
+        rows.push(first.clone());
         rows.push(grpc.ship(&source, 2)?);
     }
     drop(grpc);
     let before = cpu_of("self")?;
     let baseline = reset_peak_rss("self")?;
     let start = Instant::now();
-    let (wire, changed) = ferry_sync(&store, &key, &source, &ferry_target, 2, &scan_options)?;
+    let (wire, changed, read) = ferry_sync(&store, &key, &source, &ferry_target, 2, &scan_options)?;
     rows.push(Row {
         name: "Ferry delta: scan + diff + chunk + apply (+ index save)".into(),
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: Some(wire),
-        peak_rss: Some(peak_from(peak_rss("self")?, baseline)),
+        read_bytes: Some(read),
+        peaks: vec![peak_from(peak_rss("self")?, baseline)],
     });
     if changed != written {
         bail!("Ferry found {changed} changed blocks, {written} were written");
@@ -828,7 +929,8 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
         wall: start.elapsed(),
         cpu_s: cpu_of("self")?.own - before.own,
         wire_bytes: None,
-        peak_rss: None,
+        read_bytes: None,
+        peaks: Vec::new(),
     });
 
     if rsync {
@@ -845,8 +947,10 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             wall,
             cpu_s,
             wire_bytes,
+            // rsync reads the whole source file (and the target) to find what changed.
+            read_bytes: Some(size),
             // A fresh process: it grew from nothing.
-            peak_rss: peak.map(|p| peak_from(p, 0)),
+            peaks: peak.map(|p| peak_from(p, 0)).into_iter().collect(),
         });
         let daemon = RsyncDaemon::start(dir, &daemon_dir)?;
         rows.push(rsync_daemon_row(
@@ -875,15 +979,15 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             }
         }
     } else {
-        println!("rsync not found: skipping rsync rows (apt-get install rsync)");
+        say!("rsync not found: skipping rsync rows (apt-get install rsync)");
     }
 
-    println!(
+    say!(
         "Second sync of a {} MiB random image after 1% random 4 KiB writes (all targets checked equal to the source):\n",
         args.size_mib
     );
-    println!("| run | wall s | CPU s (user+sys) | bytes on the wire | % of image | peak RSS MiB (from) |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    say!("| run | wall s | CPU s (user+sys) | bytes on the wire | % of image | peak RSS MiB (from) |");
+    say!("|---|---:|---:|---:|---:|---:|");
     for row in &rows {
         let (wire, pct) = match row.wire_bytes {
             Some(bytes) => (
@@ -892,21 +996,26 @@ fn bench(args: &Args, size: u64, dir: &Path) -> Result<()> {
             ),
             None => ("–".into(), "–".into()),
         };
-        println!(
+        say!(
             "| {} | {:.2} | {:.2} | {} | {} | {} |",
             row.name,
             row.wall.as_secs_f64(),
             row.cpu_s,
             wire,
             pct,
-            row.peak_rss.as_deref().unwrap_or("–")
+            row.peak_text()
         );
     }
-    println!("\nFull-read hashing rate of the same image (warm page cache):\n");
-    println!("| hasher | MiB/s |");
-    println!("|---|---:|");
-    for (name, rate) in hash_rows {
-        println!("| {name} | {rate:.0} |");
+    say!("\nFull-read hashing rate of the same image (warm page cache):\n");
+    say!("| hasher | MiB/s |");
+    say!("|---|---:|");
+    for row in &hash_rows {
+        say!("| {} | {:.0} |", row.name, mib_per_s(size, row.wall));
+    }
+    if args.json {
+        for row in sparse_rows.iter().chain(&hash_rows).chain(&rows) {
+            println!("{}", row.json());
+        }
     }
     Ok(())
 }

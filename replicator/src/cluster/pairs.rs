@@ -162,6 +162,7 @@ pub(super) async fn sync_once(
         pair_json,
         manifests_json: captured.manifests_json.clone(),
         capture_time_unix_seconds: unix(captured.capture_time),
+        quick_check: valid.quick_check(generation),
     };
     let capture_time = captured.capture_time;
     let result = ship(

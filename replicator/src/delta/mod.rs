@@ -128,4 +128,6 @@ pub use index::{
     DEFAULT_BLOCK_SIZE_BYTES,
 };
 pub use relpath::{InvalidRelPath, RelPath, STASH_DIR_NAME};
-pub use scan::{scan, ScanError, ScanOptions, ScanStats, Scanned, VolumeSnapshot};
+pub use scan::{
+    scan, scan_against, QuickCheck, ScanError, ScanOptions, ScanStats, Scanned, VolumeSnapshot,
+};

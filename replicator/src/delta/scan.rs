@@ -87,6 +87,10 @@ pub struct ScanStats {
     pub symlinks: u64,
     /// FIFOs, sockets and device nodes: not replicated (see [`scan`]).
     pub skipped_special: u64,
+    /// Files taken unread from the previous index by the quick check (see [`scan_against`]).
+    pub files_unread: u64,
+    /// Bytes of those files: not read, not hashed, not in `bytes_scanned`.
+    pub bytes_unread: u64,
 }
 
 /// A scan's result: the new index and counters.
@@ -203,11 +207,44 @@ impl ScanError {
 ///
 /// # Errors
 /// [`ScanError`] naming the file and step that failed.
-#[tracing::instrument(name = "delta", skip_all, fields(step = "scan", generation = generation.0, path = %snapshot.path().display()))]
 pub fn scan(
     snapshot: &VolumeSnapshot,
     options: &ScanOptions,
     generation: Generation,
+) -> Result<Scanned, ScanError> {
+    scan_against(snapshot, options, generation, None)
+}
+
+/// What the quick check of [`scan_against`] compares with.
+#[derive(Clone, Copy, Debug)]
+pub struct QuickCheck<'a> {
+    /// The index of the same volume at an earlier generation (same block size, or ignored).
+    pub previous: &'a BlockIndex,
+    /// Only files modified before this are trusted: the earlier generation's capture time
+    /// minus a margin. A write in the same clock tick as that capture can leave the mtime
+    /// as it was (the "racy git" problem), so such files are always read.
+    pub modified_before: Mtime,
+}
+
+/// [`scan`], with rsync's and restic's quick check for file trees: a regular file whose
+/// path, size in bytes and modification time (to the nanosecond) equal its entry in
+/// `quick.previous`, and whose mtime is before `quick.modified_before`, is not read; its
+/// block hashes are taken from there, and it is counted in [`ScanStats::files_unread`] and
+/// [`ScanStats::bytes_unread`]. Files with several hard links are always read. Block images
+/// ignore the quick check (a write does not always change an image's mtime).
+///
+/// A file rewritten in place with its old size and mtime restored looks unchanged: only a
+/// scan without the quick check catches it, which is why the replicator does one every
+/// `spec.fullScanEvery` generations.
+///
+/// # Errors
+/// [`ScanError`] naming the file and step that failed.
+#[tracing::instrument(name = "delta", skip_all, fields(step = "scan", generation = generation.0, path = %snapshot.path().display()))]
+pub fn scan_against(
+    snapshot: &VolumeSnapshot,
+    options: &ScanOptions,
+    generation: Generation,
+    quick: Option<QuickCheck<'_>>,
 ) -> Result<Scanned, ScanError> {
     let mut hasher = BlockHasher::new(options);
     let mut stats = ScanStats::default();
@@ -221,7 +258,15 @@ pub fn scan(
             let size_bytes = hasher.hash_file(&mut file, path, &mut blocks, &mut stats)?;
             IndexContent::Image(ImageIndex { size_bytes, blocks })
         }
-        VolumeSnapshot::Tree(root) => IndexContent::Tree(scan_tree(root, &mut hasher, &mut stats)?),
+        VolumeSnapshot::Tree(root) => {
+            let quick = quick
+                .filter(|q| q.previous.block_size == options.block_size)
+                .and_then(|q| match &q.previous.content {
+                    IndexContent::Tree(tree) => Some((tree, q.modified_before)),
+                    IndexContent::Image(_) => None,
+                });
+            IndexContent::Tree(scan_tree(root, &mut hasher, &mut stats, quick)?)
+        }
     };
     tracing::debug!(?stats, "scanned");
     Ok(Scanned {
@@ -254,10 +299,35 @@ struct LinkedInode {
     paths: Vec<RelPath>,
 }
 
+/// The previous index's entry for `rel` when it is a regular file of the same size and mtime,
+/// modified before the cut-off.
+fn unchanged<'a>(
+    quick: Option<(&'a TreeIndex, Mtime)>,
+    rel: &RelPath,
+    md: &fs::Metadata,
+    meta: &Meta,
+) -> Option<&'a FileEntry> {
+    let (previous, before) = quick?;
+    let mtime = (meta.mtime.secs, meta.mtime.nanos);
+    match previous.entries.get(rel)? {
+        TreeEntry::File(entry)
+            if md.nlink() == 1
+                && entry.hardlink_of.is_none()
+                && entry.size_bytes == md.len()
+                && entry.meta.mtime == meta.mtime
+                && mtime < (before.secs, before.nanos) =>
+        {
+            Some(entry)
+        }
+        _ => None,
+    }
+}
+
 fn scan_tree(
     root: &Path,
     hasher: &mut BlockHasher,
     stats: &mut ScanStats,
+    quick: Option<(&TreeIndex, Mtime)>,
 ) -> Result<TreeIndex, ScanError> {
     let root_md = fs::symlink_metadata(root).map_err(|source| ScanError::Stat {
         path: root.to_path_buf(),
@@ -332,30 +402,31 @@ fn scan_tree(
             } else if file_type.is_file() {
                 stats.files += 1;
                 let inode = (md.dev(), md.ino());
-                let (size_bytes, blocks) = match linked.get_mut(&inode) {
-                    Some(seen) => {
-                        seen.paths.push(rel.clone());
-                        (seen.size_bytes, seen.blocks.clone())
+                let (size_bytes, blocks) = if let Some(seen) = linked.get_mut(&inode) {
+                    seen.paths.push(rel.clone());
+                    (seen.size_bytes, seen.blocks.clone())
+                } else if let Some(entry) = unchanged(quick, &rel, &md, &meta) {
+                    stats.files_unread += 1;
+                    stats.bytes_unread += entry.size_bytes;
+                    (entry.size_bytes, entry.blocks.clone())
+                } else {
+                    let mut file = File::open(&abs).map_err(|source| ScanError::Open {
+                        path: abs.clone(),
+                        source,
+                    })?;
+                    let mut blocks = Vec::new();
+                    let size = hasher.hash_file(&mut file, &abs, &mut blocks, stats)?;
+                    if md.nlink() > 1 {
+                        linked.insert(
+                            inode,
+                            LinkedInode {
+                                size_bytes: size,
+                                blocks: blocks.clone(),
+                                paths: vec![rel.clone()],
+                            },
+                        );
                     }
-                    None => {
-                        let mut file = File::open(&abs).map_err(|source| ScanError::Open {
-                            path: abs.clone(),
-                            source,
-                        })?;
-                        let mut blocks = Vec::new();
-                        let size = hasher.hash_file(&mut file, &abs, &mut blocks, stats)?;
-                        if md.nlink() > 1 {
-                            linked.insert(
-                                inode,
-                                LinkedInode {
-                                    size_bytes: size,
-                                    blocks: blocks.clone(),
-                                    paths: vec![rel.clone()],
-                                },
-                            );
-                        }
-                        (size, blocks)
-                    }
+                    (size, blocks)
                 };
                 entries.insert(
                     rel,
@@ -443,31 +514,82 @@ impl BlockHasher {
                 stats.bytes_skipped += start - pos;
             }
             if end > start {
-                io::Seek::seek(file, io::SeekFrom::Start(start)).map_err(|source| {
-                    ScanError::ReadBlock {
-                        path: path.to_path_buf(),
-                        offset_bytes: start,
-                        source,
-                    }
-                })?;
-                let read = self.hash_stream(
-                    &mut Read::take(&mut *file, end - start),
-                    path,
-                    blocks,
-                    stats,
-                )?;
-                if read != end - start {
-                    // The file shrank under the scan: it is not a snapshot; say where.
-                    return Err(ScanError::ReadBlock {
-                        path: path.to_path_buf(),
-                        offset_bytes: start + read,
-                        source: io::Error::from(io::ErrorKind::UnexpectedEof),
-                    });
-                }
+                self.hash_range(file, path, start, end, blocks, stats)?;
             }
             pos = end.max(pos);
         }
         Ok(size)
+    }
+
+    /// Hashes bytes `start..end` of regular file `file` (block-aligned `start`), appending
+    /// one hash per block to `blocks`. Each hashing thread reads its own stripes of
+    /// [`READ_BUFFER_BYTES`] with `pread` and hashes them, so reading (a copy out of the page
+    /// cache) runs in parallel too instead of one thread reading while the others wait.
+    ///
+    /// # Errors
+    /// [`ScanError::ReadBlock`] naming the offset, also when the file ends early (it shrank
+    /// under the scan, so it is not a snapshot).
+    fn hash_range(
+        &mut self,
+        file: &File,
+        path: &Path,
+        start: u64,
+        end: u64,
+        blocks: &mut Vec<BlockHash>,
+        stats: &mut ScanStats,
+    ) -> Result<(), ScanError> {
+        use std::os::unix::fs::FileExt;
+        let len = end - start;
+        let first = blocks.len();
+        let count = (len as usize).div_ceil(self.block_size);
+        blocks.resize(first + count, self.full_zero);
+        let stripe_blocks = READ_BUFFER_BYTES / self.block_size;
+        let stripes: Vec<(usize, &mut [BlockHash])> = blocks[first..]
+            .chunks_mut(stripe_blocks)
+            .enumerate()
+            .collect();
+        let threads = self.threads.clamp(1, stripes.len().max(1));
+        let mut lanes: Vec<Vec<(usize, &mut [BlockHash])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, stripe) in stripes {
+            lanes[i % threads].push((i, stripe));
+        }
+        let (block_size, full_zero) = (self.block_size, self.full_zero);
+        let hash_lane = |lane: Vec<(usize, &mut [BlockHash])>| -> Result<u64, ScanError> {
+            let mut buffer = vec![0u8; READ_BUFFER_BYTES.min(len as usize)];
+            let mut zeros = 0;
+            for (i, out) in lane {
+                let offset = start + (i * READ_BUFFER_BYTES) as u64;
+                let want = (end - offset).min(READ_BUFFER_BYTES as u64) as usize;
+                file.read_exact_at(&mut buffer[..want], offset)
+                    .map_err(|source| ScanError::ReadBlock {
+                        path: path.to_path_buf(),
+                        offset_bytes: offset,
+                        source,
+                    })?;
+                zeros += hash_blocks(&buffer[..want], block_size, full_zero, out);
+            }
+            Ok(zeros)
+        };
+        let zeros = std::thread::scope(|scope| {
+            let mut lanes = lanes.into_iter();
+            let own = lanes.next().unwrap_or_default();
+            let handles: Vec<_> = lanes
+                .map(|lane| scope.spawn(move || hash_lane(lane)))
+                .collect();
+            let mut zeros = hash_lane(own)?;
+            for handle in handles {
+                // A panic while hashing is a bug; re-raise it on the caller's thread.
+                zeros += handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+            }
+            Ok::<u64, ScanError>(zeros)
+        })?;
+        stats.blocks_scanned += count as u64;
+        stats.zero_blocks += zeros;
+        stats.bytes_scanned += len;
+        Ok(())
     }
 
     /// Hashes `reader` to its end, appending one hash per block to `blocks`; returns the

@@ -14,8 +14,8 @@ use ferry_schemas::proto::replication::{
 use tokio::sync::mpsc;
 
 use crate::delta::{
-    diff, scan, Applier, BlockIndex, ChunkOptions, ChunkStream, DeltaChunk, FinishOptions,
-    Generation, ScanOptions, StreamId, VolumeDigest, VolumeKind, VolumeSnapshot,
+    diff, scan_against, Applier, BlockIndex, ChunkOptions, ChunkStream, DeltaChunk, FinishOptions,
+    Generation, Mtime, QuickCheck, ScanOptions, StreamId, VolumeDigest, VolumeKind, VolumeSnapshot,
 };
 
 /// Runs a session on the volume at `root` (a directory for a file tree, an image file or
@@ -87,10 +87,20 @@ fn read_volume(
         )
     };
     let snapshot = snapshot_at(root, read.block);
-    let scanned = scan(
+    let scanned = scan_against(
         &snapshot,
         &ScanOptions::default(),
         Generation(read.generation),
+        previous
+            .as_ref()
+            .filter(|_| read.quick_check_before_unix_nanos > 0)
+            .map(|previous| QuickCheck {
+                previous,
+                modified_before: Mtime {
+                    secs: read.quick_check_before_unix_nanos.div_euclid(1_000_000_000),
+                    nanos: read.quick_check_before_unix_nanos.rem_euclid(1_000_000_000) as u32,
+                },
+            }),
     )
     .map_err(|e| failure(format!("scanning {}: {}", root.display(), error_chain(&e))))?;
     let index_bytes = postcard::to_stdvec(&scanned.index)
@@ -105,6 +115,8 @@ fn read_volume(
                 bytes_changed: 0,
                 chunks: 0,
                 wire_bytes: 0,
+                files_unread: scanned.stats.files_unread,
+                bytes_unread: scanned.stats.bytes_unread,
             }),
         );
     }
@@ -129,6 +141,8 @@ fn read_volume(
             bytes_changed: plan.stats.bytes_changed,
             chunks,
             wire_bytes: summary.wire_bytes,
+            files_unread: scanned.stats.files_unread,
+            bytes_unread: scanned.stats.bytes_unread,
         }),
     )
 }

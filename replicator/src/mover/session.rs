@@ -99,8 +99,10 @@ impl MoverSession {
     }
 
     /// Source side: asks the mover to scan its volume as `generation` and stream the delta
-    /// against `previous` (a full copy when `None`), skipping chunks below `from_seq`. Returns
-    /// the new index; then call [`next_chunk`](Self::next_chunk) until it returns the summary.
+    /// against `previous` (a full copy when `None`), skipping chunks below `from_seq`. With
+    /// `quick_check_before`, files whose size and mtime match `previous` and that were
+    /// modified before that instant are not read (see [`crate::delta::scan_against`]). Returns the new index; then call
+    /// [`next_chunk`](Self::next_chunk) until it returns the summary.
     ///
     /// # Errors
     /// [`SessionError`] when the mover fails (e.g. the volume cannot be read) or goes away.
@@ -110,7 +112,11 @@ impl MoverSession {
         previous: Option<&BlockIndex>,
         from_seq: u64,
         block: bool,
+        quick_check_before: Option<std::time::SystemTime>,
     ) -> Result<BlockIndex, SessionError> {
+        let quick_check_before_unix_nanos = quick_check_before
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
         let previous_index = match previous {
             Some(index) => postcard::to_stdvec(index)?,
             None => Vec::new(),
@@ -121,6 +127,7 @@ impl MoverSession {
             from_seq,
             block,
             index_only: false,
+            quick_check_before_unix_nanos,
         }))
         .await?;
         match self.next().await? {
@@ -145,6 +152,7 @@ impl MoverSession {
             from_seq: 0,
             block,
             index_only: true,
+            quick_check_before_unix_nanos: 0,
         }))
         .await?;
         let index = match self.next().await? {

@@ -7,4 +7,5 @@ pub mod ship;
 pub use schedule::RpoSchedule;
 pub use ship::{
     committed_state, ship, Faults, ShipError, ShipReport, ShipRequest, SourceVolume, VolumeReport,
+    PARALLEL_VOLUMES, QUICK_CHECK_MARGIN, WINDOW_CHUNKS,
 };

@@ -40,6 +40,9 @@ const MAX_RECONNECTS: u32 = 5;
 /// destination's mover busy while acknowledgements travel back, and a bound on the memory a
 /// stream holds for resends.
 pub const WINDOW_CHUNKS: usize = 8;
+/// The quick check trusts only files modified this long before the base generation's capture
+/// time: more than a filesystem timestamp tick, and more than the capture's own duration.
+pub const QUICK_CHECK_MARGIN: Duration = Duration::from_secs(2);
 /// Volumes of one generation shipped at once (each reads through its own mover).
 pub const PARALLEL_VOLUMES: usize = 4;
 
@@ -80,6 +83,11 @@ pub struct ShipRequest {
     pub manifests_json: Vec<u8>,
     /// When the capture was taken, seconds since the Unix epoch.
     pub capture_time_unix_seconds: f64,
+    /// Whether filesystem volumes may skip files whose size and mtime match the previous
+    /// generation's index (rsync's quick check); `false` reads every file, which catches a
+    /// file rewritten in place with its old mtime restored. The replicator turns it off every
+    /// `spec.fullScanEvery` generations.
+    pub quick_check: bool,
 }
 
 /// Per-volume figures of a shipped generation.
@@ -95,6 +103,8 @@ pub struct VolumeReport {
     pub wire_bytes: u64,
     /// Whether this was a full copy (no usable base).
     pub full_copy: bool,
+    /// Bytes of files the quick check took from the previous index unread.
+    pub bytes_unread: u64,
 }
 
 /// What a shipped generation cost.
@@ -279,6 +289,13 @@ pub async fn ship(
     // Plan each volume against the destination's committed generation, or send it whole. A
     // diverged seed holds writes this site never saw: only the destination's scan describes it.
     let mut planned: Vec<(SourceVolume, Option<BlockIndex>)> = Vec::with_capacity(volumes.len());
+    // Files are trusted only if modified well before the base generation was captured; a
+    // diverged seed's index holds the destination's mtimes: no quick check against it.
+    let quick_check_before = newest
+        .filter(|g| request.quick_check && !g.diverged && g.capture_time_unix_seconds > 0.0)
+        .and_then(|g| Duration::try_from_secs_f64(g.capture_time_unix_seconds).ok())
+        .and_then(|t| t.checked_sub(QUICK_CHECK_MARGIN))
+        .map(|t| std::time::UNIX_EPOCH + t);
     for volume in volumes {
         let base = match newest {
             Some(g) if g.diverged => {
@@ -328,6 +345,7 @@ pub async fn ship(
                 begin: &begin,
                 header: &header,
                 faults,
+                quick_check_before,
             };
             ship_volume(link, volume, base, from_seq)
         }))
@@ -379,6 +397,7 @@ struct Link<'a> {
     begin: &'a BeginRequest,
     header: &'a SyncHeader,
     faults: &'a Faults,
+    quick_check_before: Option<std::time::SystemTime>,
 }
 
 /// One volume, shipped and acknowledged chunk by chunk.
@@ -500,6 +519,7 @@ async fn ship_volume(
             base.as_ref(),
             from_seq,
             volume.spec.block,
+            link.quick_check_before,
         )
         .await
         .map_err(read_failed)?;
@@ -559,6 +579,7 @@ async fn ship_volume(
                         shipped.report.bytes_scanned = summary.bytes_scanned;
                         shipped.report.blocks_scanned = summary.blocks_scanned;
                         shipped.report.bytes_changed = summary.bytes_changed;
+                        shipped.report.bytes_unread = summary.bytes_unread;
                         read_done = true;
                         continue;
                     }

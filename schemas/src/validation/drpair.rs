@@ -42,6 +42,17 @@ pub struct ValidPairSpec {
     pub retain_generations: NonZeroU32,
     /// What deleting the pair does to the copy at the other site.
     pub deletion_policy: crate::drpair::DeletionPolicy,
+    /// Every this many generations filesystem volumes are read whole (no quick check).
+    pub full_scan_every: NonZeroU32,
+}
+
+impl ValidPairSpec {
+    /// Whether generation `generation` may use the quick check on filesystem volumes: every
+    /// generation but those whose number is a multiple of `spec.fullScanEvery`.
+    #[must_use]
+    pub fn quick_check(&self, generation: u64) -> bool {
+        generation % u64::from(self.full_scan_every.get()) != 0
+    }
 }
 
 /// Which PersistentVolumeClaims a pair replicates.
@@ -129,7 +140,7 @@ impl DRPairSpec {
     /// needs (RFC 6902) or with bad JSON Pointers; empty hook commands;
     /// `spec.failover` durations not in duration syntax or a `siteLossTimeout`
     /// below [`MIN_SITE_LOSS_TIMEOUT`];
-    /// `spec.retainGenerations` of 0.
+    /// `spec.retainGenerations` or `spec.fullScanEvery` of 0.
     pub fn validate(
         &self,
         known_sites: Option<&[String]>,
@@ -168,20 +179,31 @@ impl DRPairSpec {
                 got: 0,
             });
         }
-        match retain_generations {
-            Some(retain_generations) if errors.is_empty() => Ok(ValidPairSpec {
-                selector: self.selector.clone(),
-                primary_site: self.primary_site.clone(),
-                secondary_site: self.secondary_site.clone(),
-                rpo,
-                volumes,
-                transform,
-                standby: self.standby,
-                hooks,
-                failover,
-                retain_generations,
-                deletion_policy: self.deletion_policy,
-            }),
+        let full_scan_every = NonZeroU32::new(self.full_scan_every);
+        if full_scan_every.is_none() {
+            errors.push(SpecError::TooSmall {
+                field: "spec.fullScanEvery".into(),
+                min: 1,
+                got: 0,
+            });
+        }
+        match (retain_generations, full_scan_every) {
+            (Some(retain_generations), Some(full_scan_every)) if errors.is_empty() => {
+                Ok(ValidPairSpec {
+                    selector: self.selector.clone(),
+                    primary_site: self.primary_site.clone(),
+                    secondary_site: self.secondary_site.clone(),
+                    rpo,
+                    volumes,
+                    transform,
+                    standby: self.standby,
+                    hooks,
+                    failover,
+                    retain_generations,
+                    deletion_policy: self.deletion_policy,
+                    full_scan_every,
+                })
+            }
             _ => Err(errors),
         }
     }
@@ -587,6 +609,30 @@ mod tests {
         }
     }
 
+    #[test]
+    fn every_full_scan_every_th_generation_reads_every_file() {
+        let valid = |every| {
+            drpair("p", "ns")
+                .full_scan_every(every)
+                .spec()
+                .validate(None)
+                .unwrap()
+        };
+        let default = valid(crate::drpair::DEFAULT_FULL_SCAN_EVERY);
+        let full: Vec<u64> = (1..=72).filter(|g| !default.quick_check(*g)).collect();
+        assert_eq!(full, [24, 48, 72]);
+        assert!(
+            (1..=10).all(|g| !valid(1).quick_check(g)),
+            "1: always a full scan"
+        );
+        let parsed: DRPairSpec = serde_json::from_value(json!({
+            "selector": {"matchLabels": {"app": "p"}},
+            "primarySite": "a", "secondarySite": "b", "rpo": "1m"
+        }))
+        .unwrap();
+        assert_eq!(parsed.full_scan_every, 24, "the default when omitted");
+    }
+
     /// (case name, spec, known sites, expected (message prefix, reason) pairs)
     type Case<'a> = (
         &'a str,
@@ -743,6 +789,7 @@ mod tests {
                 &[("spec.failover.dataLossAllowance: invalid duration \"1 hour\"", "invalid_duration")],
             ),
             ("zero retained generations", d().retain(0).spec(), None, &[("spec.retainGenerations: must be at least 1, got 0", "too_small")]),
+            ("a full scan every 0 generations", d().full_scan_every(0).spec(), None, &[("spec.fullScanEvery: must be at least 1, got 0", "too_small")]),
             (
                 "every fault is reported, in field order",
                 d().sites("x", "x").with_rpo("1s").retain(0).spec(),
