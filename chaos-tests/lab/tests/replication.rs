@@ -313,6 +313,7 @@ async fn an_app_replicates_exactly_and_bad_pairs_are_refused_on(settings: e2e::L
             header: Some(header),
             volumes: vec![],
             pair_json: vec![],
+            resume_only: false,
         })
         .await
         .unwrap_err();

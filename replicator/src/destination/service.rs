@@ -494,6 +494,12 @@ impl Destination {
                 });
             }
         }
+        if request.resume_only {
+            return Err(Status::failed_precondition(format!(
+                "no live sync of generation {} of pair {pair} to resume: start it again",
+                header.generation
+            )));
+        }
         // Any other live sync of this pair is abandoned; its staging is torn.
         let abandoned = live.remove(&pair);
         drop(live);
@@ -566,7 +572,7 @@ impl Destination {
                 next_seq: 0,
             })
             .collect();
-        self.live.lock().await.insert(
+        let replaced = self.live.lock().await.insert(
             pair,
             LiveSync {
                 generation: header.generation,
@@ -576,6 +582,10 @@ impl Destination {
                 chunks_rejected: Arc::default(),
             },
         );
+        if let Some(replaced) = replaced {
+            // A concurrent Begin of the same pair staged meanwhile: it is superseded.
+            replaced.retire().await;
+        }
         tracing::debug!(generation = header.generation, "staging ready");
         Ok(BeginResponse {
             volumes: resume,
@@ -634,12 +644,15 @@ impl Destination {
             volume: name.clone(),
             result: Some(result),
         };
+        let expected = volume.next_seq;
         match volume.session.apply(chunk).await {
             Ok(ApplyOutcome::Applied(seq)) => {
                 volume.next_seq = seq + 1;
                 Ok(ack(chunk_ack::Result::Applied(seq)))
             }
-            Ok(ApplyOutcome::Corrupt(seq)) => {
+            // The chunk's own seq may be what was damaged: ask for the one expected.
+            Ok(ApplyOutcome::Corrupt(_)) => {
+                let seq = expected;
                 drop(volume);
                 rejected.fetch_add(1, Ordering::Relaxed);
                 let rejection = Rejection {
@@ -656,7 +669,8 @@ impl Destination {
                 // The staged volume is torn: the whole sync must start again from its base.
                 volume.retired = true;
                 drop(volume);
-                self.abandon_generation(&pair, header.generation).await;
+                self.abandon_generation(&pair, header.generation, header.epoch)
+                    .await;
                 let status =
                     Status::internal(format!("applying to volume {name} of pair {pair}: {e}"));
                 Err(self.reject(&pair, "StagingFailed", status).await)
@@ -672,11 +686,14 @@ impl Destination {
         }
     }
 
-    /// Ends the live sync of `pair` if it is still of `generation` (a newer Begin may have
-    /// replaced it meanwhile).
-    async fn abandon_generation(&self, pair: &PairKey, generation: u64) {
+    /// Ends the live sync of `pair` if it is still of `generation` at `epoch` (a newer Begin
+    /// may have replaced it meanwhile).
+    async fn abandon_generation(&self, pair: &PairKey, generation: u64, epoch: u64) {
         let mut live = self.live.lock().await;
-        if live.get(pair).is_some_and(|s| s.generation == generation) {
+        if live
+            .get(pair)
+            .is_some_and(|s| s.generation == generation && s.epoch == epoch)
+        {
             let sync = live.remove(pair);
             drop(live);
             if let Some(sync) = sync {
@@ -688,19 +705,24 @@ impl Destination {
     async fn commit_sync(&self, request: CommitRequest) -> Result<CommitResponse, Status> {
         let (pair, header) = pair_of(request.header.as_ref())?;
         let key = pair.to_string();
-        let Some(sync) = self.live.lock().await.remove(&pair) else {
-            return Err(Status::failed_precondition(format!(
-                "no sync of pair {pair} is in progress"
-            )));
+        let sync = {
+            let mut live = self.live.lock().await;
+            let Some(sync) = live.get(&pair) else {
+                return Err(Status::failed_precondition(format!(
+                    "no sync of pair {pair} is in progress"
+                )));
+            };
+            // A stale commit leaves the live sync alone.
+            if sync.generation != header.generation || sync.epoch != header.epoch {
+                return Err(Status::failed_precondition(format!(
+                    "commit of generation {} does not match the live sync (generation {})",
+                    header.generation, sync.generation
+                )));
+            }
+            live.remove(&pair).expect("present above")
         };
         // Waits for chunks still being applied; none is accepted after this.
         sync.retire().await;
-        if sync.generation != header.generation || sync.epoch != header.epoch {
-            return Err(Status::failed_precondition(format!(
-                "commit of generation {} does not match the live sync (generation {})",
-                header.generation, sync.generation
-            )));
-        }
         let mut record = self
             .journal
             .load(&key)

@@ -326,6 +326,7 @@ pub async fn ship(
             })
             .collect(),
         pair_json: request.pair_json.clone(),
+        resume_only: false,
     };
     let resume = client
         .begin(begin.clone())
@@ -545,7 +546,7 @@ async fn ship_volume(
     let mut read_done = false;
     loop {
         // Fill the window: chunks due again first, then new ones from the mover.
-        let mut broken = None;
+        let mut closed = false;
         while window.in_flight.len() < WINDOW_CHUNKS {
             let seq = window.next_send;
             if let std::collections::btree_map::Entry::Vacant(slot) = window.unacked.entry(seq) {
@@ -591,7 +592,7 @@ async fn ship_volume(
                 let last = wire.len() - 1;
                 wire[last] ^= 0x5a;
             }
-            shipped.report.wire_bytes += wire.len() as u64;
+            let wire_len = wire.len() as u64;
             let message = ChunkMessage {
                 header: Some(link.header.clone()),
                 volume: name.clone(),
@@ -599,33 +600,32 @@ async fn ship_volume(
                 chunk: wire,
             };
             if stream.tx.send(message).await.is_err() {
-                broken = Some(tonic::Status::unavailable("push stream closed"));
+                // The stream ended: its acknowledgements say why (a refusal, or a drop).
+                closed = true;
                 break;
             }
+            shipped.report.wire_bytes += wire_len;
             window.in_flight.push_back(seq);
             window.next_send = seq + 1;
         }
-        if broken.is_none() {
-            if window.in_flight.is_empty() {
-                if read_done && window.unacked.is_empty() {
-                    break;
-                }
-                return Err(ShipError::Refused(format!(
-                    "volume {name}: chunk {} is due but nothing is in flight",
-                    window.next_send
-                )));
+        if window.in_flight.is_empty() && !closed {
+            if read_done && window.unacked.is_empty() {
+                break;
             }
-            match next_ack(&mut stream).await {
-                Ok(result) => {
-                    if window.acknowledge(&name, result)? {
-                        shipped.rejected += 1;
-                    }
-                    continue;
-                }
-                Err(status) => broken = Some(status),
-            }
+            return Err(ShipError::Refused(format!(
+                "volume {name}: chunk {} is due but nothing is in flight",
+                window.next_send
+            )));
         }
-        let status = broken.expect("set above");
+        let status = match next_ack(&mut stream).await {
+            Ok(result) => {
+                if window.acknowledge(&name, result)? {
+                    shipped.rejected += 1;
+                }
+                continue;
+            }
+            Err(status) => status,
+        };
         if !transient(&status) || shipped.reconnects >= MAX_RECONNECTS {
             return Err(refused_or_failed(status));
         }
@@ -633,9 +633,14 @@ async fn ship_volume(
         shipped.reconnects += 1;
         tracing::warn!(volume = %name, error = %status, "connection lost; resuming");
         tokio::time::sleep(Duration::from_millis(200 * u64::from(shipped.reconnects))).await;
+        // Resume only: if the destination no longer holds this sync (it restarted, or
+        // abandoned it), a fresh Begin would reset the other volumes' staging under them.
         let resumed = link
             .client
-            .begin(link.begin.clone())
+            .begin(BeginRequest {
+                resume_only: true,
+                ..link.begin.clone()
+            })
             .await
             .map_err(refused_or_failed)?
             .into_inner();
