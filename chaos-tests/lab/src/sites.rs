@@ -357,6 +357,7 @@ pub fn list_sites(dir: &Path) -> Vec<String> {
 /// # Errors
 /// When a process cannot be signalled or outlives its SIGKILL by 10 s.
 pub fn down(dir: &Path) -> Result<()> {
+    let mut unmount_failures = Vec::new();
     for name in list_sites(dir) {
         match signal_site(dir, &name, "TERM") {
             Ok(pid) => {
@@ -368,7 +369,10 @@ pub fn down(dir: &Path) -> Result<()> {
             }
             Err(_) => println!("site {name}: not running"),
         }
-        crate::node::backing::release(&SiteLayout::in_lab(dir, &name))?;
+        // Every site and witness is stopped even if one mount outlives its site.
+        if let Err(e) = crate::node::backing::release(&SiteLayout::in_lab(dir, &name)) {
+            unmount_failures.push(format!("site {name}: {e:#}"));
+        }
     }
     for id in crate::witnesses::list_witnesses(dir) {
         if crate::witnesses::WitnessLayout::in_lab(dir, id)
@@ -383,5 +387,10 @@ pub fn down(dir: &Path) -> Result<()> {
         }
         println!("witness {id}: stopped");
     }
+    anyhow::ensure!(
+        unmount_failures.is_empty(),
+        "unmounting node storage: {}",
+        unmount_failures.join("; ")
+    );
     Ok(())
 }

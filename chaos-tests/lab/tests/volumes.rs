@@ -644,6 +644,9 @@ async fn snapshots_and_restores_share_extents_on_copy_on_write_storage() {
         assert!(matches!(backing, Backing::Reflink(_)), "{backing}");
         assert_eq!(backing::describe(&layout), backing);
         let lab = Lab::start_in(dir).await;
+        // Re-bound after the lab: on a panic it drops first, so the directory is removed
+        // only once unmounted.
+        let mounted = mounted;
         let mut rng = StdRng::seed_from_u64(23);
         lab.claim("raw", VolumeMode::Block, "64Mi", None).await;
         lab.claim("files", VolumeMode::Filesystem, "1Gi", None)

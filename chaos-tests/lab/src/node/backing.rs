@@ -112,18 +112,20 @@ fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<()> {
     Ok(())
 }
 
-fn has_program(name: &str) -> bool {
+/// Where program `name` is: on `PATH`, or in `/usr/sbin` or `/sbin` (root's tools).
+fn find_program(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .into_iter()
         .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .chain(["/usr/sbin".into(), "/sbin".into()])
-        .any(|dir| dir.join(name).is_file())
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
 }
 
 /// Makes (or re-mounts) the site's copy-on-write node storage.
 fn mount_reflink(layout: &SiteLayout) -> Result<PathBuf> {
     anyhow::ensure!(super::kubelet::is_root(), "not running as root");
-    anyhow::ensure!(has_program("mkfs.xfs"), "mkfs.xfs not found");
+    let mkfs = find_program("mkfs.xfs").context("mkfs.xfs not found")?;
     let node = layout.node();
     let image = image(layout);
     if !image.exists() {
@@ -137,7 +139,7 @@ fn mount_reflink(layout: &SiteLayout) -> Result<PathBuf> {
             .with_context(|| format!("sizing {}", tmp.display()))?;
         drop(file);
         run(
-            "mkfs.xfs",
+            &mkfs.to_string_lossy(),
             &[
                 "-q".as_ref(),
                 "-m".as_ref(),
@@ -170,6 +172,17 @@ fn mount_reflink(layout: &SiteLayout) -> Result<PathBuf> {
 pub fn prepare(layout: &SiteLayout, wanted: NodeStorage) -> Result<Backing> {
     if is_mount_point(&layout.node()) {
         return Ok(Backing::Reflink(image(layout)));
+    }
+    if image(layout).exists() {
+        // The site's volumes and snapshots live in that image: never start without them.
+        anyhow::ensure!(
+            wanted != NodeStorage::Copies,
+            "node storage: {} holds this site's volumes; it cannot start on plain directories",
+            image(layout).display()
+        );
+        return mount_reflink(layout)
+            .map(Backing::Reflink)
+            .with_context(|| format!("node storage: mounting {}", image(layout).display()));
     }
     let backing = match wanted {
         NodeStorage::Copies => Backing::Copies("--node-storage copies".into()),
