@@ -85,7 +85,8 @@ impl DemoReport {
     }
 }
 
-fn ferry_lab(exe: &Option<PathBuf>, dir: &Path, args: &[&str]) -> Result<()> {
+/// Runs `ferry-lab ARGS --dir DIR` (this binary unless `exe` names another) and waits.
+pub(crate) fn ferry_lab(exe: &Option<PathBuf>, dir: &Path, args: &[&str]) -> Result<()> {
     let exe = match exe {
         Some(exe) => exe.clone(),
         None => std::env::current_exe().context("locating ferry-lab")?,

@@ -21,6 +21,7 @@ pub mod kubeconfig;
 pub mod ledger_app;
 pub mod links;
 pub mod node;
+pub mod scale;
 pub mod site;
 pub mod sites;
 pub mod testing;

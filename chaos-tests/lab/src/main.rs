@@ -166,6 +166,27 @@ enum Cmd {
         #[command(flatten)]
         plane: PlaneArgs,
     },
+    /// Benchmark: many DRPairs with small volumes at one site; prints lag p50/p99 against the
+    /// RPO, the replicator's and controller's CPU and memory, and the API request rate.
+    Scale {
+        /// DRPairs (each over its own PVC and ConfigMap) at site a.
+        #[arg(long, default_value_t = 100)]
+        pairs: usize,
+        /// Every pair's spec.rpo.
+        #[arg(long, default_value = "1m")]
+        rpo: String,
+        /// Seconds to observe once every pair has a generation.
+        #[arg(long, default_value_t = 300)]
+        observe_seconds: u64,
+        /// Lab directory (default: a fresh one under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Leave the lab running.
+        #[arg(long)]
+        keep: bool,
+        #[command(flatten)]
+        plane: PlaneArgs,
+    },
     /// Seeded random chaos runs against automatic failover, each checked against the DR
     /// invariants; exits non-zero if any run broke one (its seed and a replay command are
     /// printed).
@@ -362,6 +383,24 @@ fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("{failed} of {runs} chaos runs broke an invariant (see above)");
             }
             Ok(())
+        }
+        Cmd::Scale {
+            pairs,
+            rpo,
+            observe_seconds,
+            dir,
+            keep,
+            plane,
+        } => {
+            let options = ferry_lab::scale::ScaleOptions {
+                pairs,
+                rpo,
+                observe: Duration::from_secs(observe_seconds),
+                dir,
+                keep,
+                settings: plane.settings()?,
+            };
+            tokio::runtime::Runtime::new()?.block_on(ferry_lab::scale::run(&options))
         }
         Cmd::Image { .. } => unreachable!("images are dispatched before logging starts"),
     }

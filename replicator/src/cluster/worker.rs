@@ -82,6 +82,10 @@ pub struct Worker {
     violated: bool,
     /// A status write that failed, to send again: fields and conditions, newest wins.
     unwritten: Option<(Map<String, Value>, Vec<ConditionSet>)>,
+    /// The peer's endpoint and a client to it, kept across ticks so that each tick does not
+    /// open a new TLS connection (the channel reconnects by itself); dropped after a failed
+    /// call, so the next tick starts afresh.
+    peer_client: Option<(String, ReplicationClient<Channel>)>,
 }
 
 impl Worker {
@@ -98,6 +102,7 @@ impl Worker {
             retry_at: SystemTime::UNIX_EPOCH,
             violated: false,
             unwritten: None,
+            peer_client: None,
         }
     }
 
@@ -249,17 +254,23 @@ impl Worker {
                 return Err(Next::Wait(RETRY));
             }
         };
-        let mut client = match crate::transport::connect_peer(&endpoint, &self.ctx.tls) {
-            Ok(client) => client,
-            Err(e) => {
-                self.status(json!({}), vec![unreachable(format!("Site {name}: {e}"))])
-                    .await;
-                return Err(Next::Wait(RETRY));
-            }
+        let mut client = match self.peer_client.take() {
+            Some((cached, client)) if cached == endpoint => client,
+            _ => match crate::transport::connect_peer(&endpoint, &self.ctx.tls) {
+                Ok(client) => client,
+                Err(e) => {
+                    self.status(json!({}), vec![unreachable(format!("Site {name}: {e}"))])
+                        .await;
+                    return Err(Next::Wait(RETRY));
+                }
+            },
         };
         // What the destination holds: its newest generation, and its epoch.
         let (committed, peer_epoch) = match committed_state(&mut client, &self.key).await {
-            Ok(state) => state,
+            Ok(state) => {
+                self.peer_client = Some((endpoint.clone(), client.clone()));
+                state
+            }
             Err(e) => {
                 self.status(
                     json!({"phase": "Degraded"}),
@@ -451,6 +462,8 @@ impl Worker {
                 tracing::info!(pair = %self.key, generation, bytes = report.bytes_shipped, seconds = duration.as_secs_f64(), "generation shipped");
             }
             Err(message) => {
+                // Whatever broke, the next tick connects afresh.
+                self.peer_client = None;
                 self.retry_at = SystemTime::now() + RETRY;
                 tracing::warn!(pair = %self.key, generation, error = %message, "sync failed");
                 self.ctx

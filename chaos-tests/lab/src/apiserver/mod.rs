@@ -71,6 +71,46 @@ pub struct ApiState {
     pub stopping: tokio_watch::Receiver<bool>,
     /// The node's side of `pods/exec`, set once the node runs ([`ApiServer::serve_exec`]).
     pub exec: std::sync::OnceLock<Arc<dyn exec::ExecBackend>>,
+    /// Requests served, by verb, as `GET /metrics` reports them.
+    pub requests: RequestCounts,
+}
+
+/// Requests an API server received, by verb (`get`, `list` and `watch` are all `GET`; here
+/// `watch` counts GETs with `watch=true` or `watch=1`, the rest by HTTP method), like
+/// kube-apiserver's `apiserver_request_total` without its other labels.
+#[derive(Debug, Default)]
+pub struct RequestCounts(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl RequestCounts {
+    fn count(&self, method: &Method, query: Option<&str>) {
+        let watch =
+            query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        let verb = if watch {
+            "WATCH".to_string()
+        } else {
+            method.as_str().to_string()
+        };
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(verb)
+            .or_default() += 1;
+    }
+
+    /// Prometheus text exposition: `apiserver_request_total{verb="GET"} 12`, one line per verb.
+    pub fn exposition(&self) -> String {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::from(
+            "# HELP apiserver_request_total Requests received, by verb.\n# TYPE apiserver_request_total counter\n",
+        );
+        for (verb, count) in counts.iter() {
+            out.push_str(&format!(
+                "apiserver_request_total{{verb=\"{verb}\"}} {count}\n"
+            ));
+        }
+        out
+    }
 }
 
 /// A running API server. Dropping it does not stop it; call [`ApiServer::shutdown`].
@@ -135,6 +175,7 @@ impl ApiServer {
             addr,
             stopping: stopped.clone(),
             exec: std::sync::OnceLock::new(),
+            requests: RequestCounts::default(),
         });
         lifecycle::serve_stored_crds(&state).map_err(|source| StartError::Store {
             dir: config.data_dir.clone(),
@@ -213,6 +254,15 @@ async fn handle(State(state): State<Arc<ApiState>>, req: Request) -> Response {
             return error_response(&ApiError::unauthorized("Unauthorized"));
         }
     }
+    if parts.uri.path() == "/metrics" && parts.method == Method::GET {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            state.requests.exposition(),
+        )
+            .into_response();
+    }
+    state.requests.count(&parts.method, parts.uri.query());
     if let Some((namespace, pod)) = exec::exec_target(parts.uri.path()) {
         return exec::serve(state.clone(), parts, namespace, pod).await;
     }
@@ -312,4 +362,33 @@ pub fn stream_response(body: Body) -> Response {
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_verb_with_watches_apart() {
+        let counts = RequestCounts::default();
+        counts.count(&Method::GET, None);
+        counts.count(&Method::GET, Some("labelSelector=a&watch=true"));
+        counts.count(&Method::GET, Some("watch=1"));
+        counts.count(&Method::GET, Some("watch=false"));
+        counts.count(&Method::PATCH, Some("fieldManager=x"));
+        let text = counts.exposition();
+        assert!(
+            text.contains("apiserver_request_total{verb=\"GET\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("apiserver_request_total{verb=\"WATCH\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("apiserver_request_total{verb=\"PATCH\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.starts_with("# HELP apiserver_request_total"));
+    }
 }
