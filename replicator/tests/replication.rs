@@ -415,15 +415,7 @@ async fn the_quick_check_skips_unchanged_files_and_a_full_scan_catches_restored_
         quick_check,
         ..request(generation, 1)
     };
-    let first = ship(
-        &mut rpc,
-        &hashes,
-        &sync(1, true),
-        volumes(&tree, &image),
-        &Faults::default(),
-    )
-    .await
-    .unwrap();
+    let first = ship_all(&mut rpc, &hashes, &sync(1, true), &tree, &image).await;
     assert_eq!(
         first.volumes["files"].bytes_unread, 0,
         "no base: everything read"
@@ -439,15 +431,7 @@ async fn the_quick_check_skips_unchanged_files_and_a_full_scan_catches_restored_
     let total: u64 = (0..40)
         .map(|i| std::fs::metadata(file(i)).unwrap().len())
         .sum();
-    let quick = ship(
-        &mut rpc,
-        &hashes,
-        &sync(2, true),
-        volumes(&tree, &image),
-        &Faults::default(),
-    )
-    .await
-    .unwrap();
+    let quick = ship_all(&mut rpc, &hashes, &sync(2, true), &tree, &image).await;
     let unread = quick.volumes["files"].bytes_unread;
     assert_eq!(
         unread,
@@ -470,15 +454,7 @@ async fn the_quick_check_skips_unchanged_files_and_a_full_scan_catches_restored_
     );
 
     // The full-scan generation reads every file and catches it.
-    let full = ship(
-        &mut rpc,
-        &hashes,
-        &sync(3, false),
-        volumes(&tree, &image),
-        &Faults::default(),
-    )
-    .await
-    .unwrap();
+    let full = ship_all(&mut rpc, &hashes, &sync(3, false), &tree, &image).await;
     assert_eq!(full.volumes["files"].bytes_unread, 0);
     let g3 = dest.replicas.generation_path(&pair(), 3, "files");
     assert_eq!(
@@ -509,32 +485,35 @@ async fn the_quick_check_skips_unchanged_files_and_a_full_scan_catches_restored_
         quick_check: false,
         ..request(4, 1)
     };
-    ship(
-        &mut rpc,
-        &hashes,
-        &request4,
-        volumes(&tree, &image),
-        &Faults::default(),
-    )
-    .await
-    .unwrap();
+    ship_all(&mut rpc, &hashes, &request4, &tree, &image).await;
     std::fs::write(&recent, random_bytes(&mut rng, 500)).unwrap();
     touch(&recent, recent_mtime);
-    ship(
-        &mut rpc,
-        &hashes,
-        &sync(5, true),
-        volumes(&tree, &image),
-        &Faults::default(),
-    )
-    .await
-    .unwrap();
+    ship_all(&mut rpc, &hashes, &sync(5, true), &tree, &image).await;
     assert_eq!(
         checksum(&dest.replicas.generation_path(&pair(), 5, "files")),
         checksum(&tree),
         "a file modified within the margin of the base's capture was read"
     );
     dest.stop().await;
+}
+
+/// Ships `request` with both volumes and no faults; panics if the sync fails.
+async fn ship_all(
+    rpc: &mut ferry_schemas::proto::ReplicationClient<tonic::transport::Channel>,
+    hashes: &HashStore,
+    request: &ShipRequest,
+    tree: &Path,
+    image: &Path,
+) -> ferry_replicator::source::ShipReport {
+    ship(
+        rpc,
+        hashes,
+        request,
+        volumes(tree, image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap()
 }
 
 fn random_bytes(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
