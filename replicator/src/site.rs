@@ -109,6 +109,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(site = %args.site, replication = %bind(args.port), "replicator serving");
     let ctx = SiteContext {
         site: args.site.clone(),
+        sites: crate::cluster::sites::SiteCache::watch(client.clone()),
         client,
         movers,
         hashes,

@@ -94,15 +94,18 @@ fn image_pid(dir: &Path, site: &str, image: &str) -> Result<i32> {
         .with_context(|| format!("no {image} process at site {site}"))
 }
 
-/// Site `a`'s API server requests so far, by verb (lab control plane only).
+/// Site `a`'s API server requests so far, by `VERB resource` (lab control plane only).
 async fn request_counts(dir: &Path) -> Result<BTreeMap<String, u64>> {
     let record = SiteLayout::in_lab(dir, "a").read_record()?;
     let body = reqwest_free_get(record.listen, "/metrics").await?;
     Ok(body
         .lines()
         .filter_map(|l| l.strip_prefix("apiserver_request_total{verb=\""))
-        .filter_map(|l| l.split_once("\"} "))
-        .filter_map(|(verb, n)| Some((verb.to_string(), n.trim().parse().ok()?)))
+        .filter_map(|l| {
+            let (verb, rest) = l.split_once("\",resource=\"")?;
+            let (resource, n) = rest.split_once("\"} ")?;
+            Some((format!("{verb} {resource}"), n.trim().parse().ok()?))
+        })
         .collect())
 }
 
@@ -367,12 +370,15 @@ async fn scenario(dir: &Path, options: &ScaleOptions) -> Result<()> {
         );
     }
     if let (Some(baseline), Some(requests)) = (baseline, requests) {
-        println!("\nSite a's API server, requests per second by verb (node controllers and this harness included):");
-        println!("| verb | no pairs | {} pairs |", options.pairs);
+        println!("\nSite a's API server, requests per second by verb and resource (node controllers and this harness included; rows under 0.5/s left out):");
+        println!("| verb resource | no pairs | {} pairs |", options.pairs);
         println!("|---|---:|---:|");
         let verbs: std::collections::BTreeSet<&String> =
             baseline.keys().chain(requests.keys()).collect();
         for verb in verbs {
+            if requests.get(verb).copied().unwrap_or(0.0) < 0.5 {
+                continue;
+            }
             println!(
                 "| {verb} | {:.2} | {:.2} |",
                 baseline.get(verb).copied().unwrap_or(0.0),

@@ -12,4 +12,5 @@ pub mod hooks;
 pub mod movers;
 pub mod pairs;
 pub mod replicas;
+pub mod sites;
 pub mod worker;

@@ -45,6 +45,8 @@ pub struct SiteContext {
     pub status: PairStatus,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// This cluster's Sites, from one shared watch.
+    pub sites: super::sites::SiteCache,
 }
 
 fn unix(t: SystemTime) -> f64 {

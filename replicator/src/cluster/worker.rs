@@ -32,7 +32,7 @@ use ferry_schemas::contract::SYNC_REQUEST_ANNOTATION;
 use ferry_schemas::drpair::{DRPairStatus, PairPhase};
 use ferry_schemas::proto::ReplicationClient;
 use ferry_schemas::validation::{join_errors, ValidPairSpec};
-use ferry_schemas::{DRPair, Site};
+use ferry_schemas::DRPair;
 use tonic::transport::Channel;
 
 use super::pairs::{rfc3339, sync_once, SiteContext};
@@ -44,6 +44,9 @@ use crate::source::{committed_state, RpoSchedule};
 pub const RETRY: Duration = Duration::from_secs(5);
 /// How often lag and RPO are refreshed while no sync is due.
 pub const TICK: Duration = Duration::from_secs(1);
+/// `status.currentLagSeconds` is rewritten when the lag moved by this fraction of the RPO
+/// (at least a second), and at once when `rpoMet` flips: 5 s for `rpo: 1m`.
+pub const LAG_STEPS_PER_RPO: f64 = 12.0;
 
 /// How a tick ends.
 #[derive(Debug)]
@@ -74,8 +77,11 @@ pub struct Worker {
     schedule: Option<RpoSchedule>,
     /// Capture time of the newest generation the peer committed, as far as this worker knows.
     last_capture: Option<SystemTime>,
-    /// The lag last written to status, seconds (written again once it moved by 1 s).
+    /// The lag last written to status, seconds (written again once it moved by a
+    /// [`LAG_STEPS_PER_RPO`]th of the RPO, at least 1 s).
     last_lag_written: f64,
+    /// `rpoMet` as last written (written again at once when it flips).
+    last_met_written: Option<bool>,
     /// No sync before this (after a failed one).
     retry_at: SystemTime,
     /// An RPO violation was reported and no sync succeeded since.
@@ -99,6 +105,7 @@ impl Worker {
             schedule: None,
             last_capture: None,
             last_lag_written: -1.0,
+            last_met_written: None,
             retry_at: SystemTime::UNIX_EPOCH,
             violated: false,
             unwritten: None,
@@ -176,11 +183,8 @@ impl Worker {
         pair: &DRPair,
         status: &DRPairStatus,
     ) -> Result<ValidPairSpec, Next> {
-        let sites: Vec<String> = match Api::<Site>::all(self.ctx.client.clone())
-            .list(&Default::default())
-            .await
-        {
-            Ok(list) => list.items.iter().map(|s| s.name_any()).collect(),
+        let sites: Vec<String> = match self.ctx.sites.names().await {
+            Ok(names) => names,
             Err(e) => {
                 tracing::warn!(error = %e, "listing Sites");
                 return Err(Next::Wait(RETRY));
@@ -240,11 +244,8 @@ impl Worker {
         };
         let unreachable =
             |message: String| (T::PeerReachable, S::False, R::PeerUnreachable, message);
-        let endpoint = match Api::<Site>::all(self.ctx.client.clone())
-            .get_opt(&name)
-            .await
-        {
-            Ok(Some(site)) => site.spec.replicator_endpoint,
+        let endpoint = match self.ctx.sites.get(&name).await {
+            Ok(Some(site)) => site.spec.replicator_endpoint.clone(),
             _ => {
                 self.status(
                     json!({}),
@@ -337,8 +338,12 @@ impl Worker {
                 )
                 .await;
         }
-        if (lag - self.last_lag_written).abs() >= 1.0 || !met {
+        // Paced to the RPO: one status write (a read and a patch) per pair per second made
+        // the API server the bottleneck at a hundred pairs (docs/benchmarks.md).
+        let step = (valid.rpo.as_secs_f64() / LAG_STEPS_PER_RPO).max(1.0);
+        if self.last_met_written != Some(met) || (lag - self.last_lag_written).abs() >= step {
             self.last_lag_written = lag;
+            self.last_met_written = Some(met);
             let (cs, reason) = if met {
                 (S::True, R::WithinRpo)
             } else {

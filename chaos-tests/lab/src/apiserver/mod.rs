@@ -75,14 +75,36 @@ pub struct ApiState {
     pub requests: RequestCounts,
 }
 
-/// Requests an API server received, by verb (`get`, `list` and `watch` are all `GET`; here
-/// `watch` counts GETs with `watch=true` or `watch=1`, the rest by HTTP method), like
-/// kube-apiserver's `apiserver_request_total` without its other labels.
+/// Requests an API server received, by verb and resource, like kube-apiserver's
+/// `apiserver_request_total` without its other labels. `get`, `list` and `watch` are all
+/// HTTP `GET`; here `WATCH` counts GETs with `watch=true` or `watch=1`, the rest go by HTTP
+/// method. The resource is the plural in the path (`drpairs`, `pods`), with its subresource
+/// (`drpairs/status`).
 #[derive(Debug, Default)]
-pub struct RequestCounts(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+pub struct RequestCounts(std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>);
+
+/// `pods` of `/api/v1/namespaces/x/pods/p`, `drpairs/status` of
+/// `/apis/ferry.dev/v1alpha1/namespaces/x/drpairs/p/status`; empty for discovery paths.
+fn resource_of(path: &str) -> String {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest = match parts.as_slice() {
+        ["api", _version, rest @ ..] => rest,
+        ["apis", _group, _version, rest @ ..] => rest,
+        _ => return String::new(),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        other => other,
+    };
+    match rest {
+        [resource, _name, sub, ..] => format!("{resource}/{sub}"),
+        [resource, ..] => (*resource).to_string(),
+        [] => String::new(),
+    }
+}
 
 impl RequestCounts {
-    fn count(&self, method: &Method, query: Option<&str>) {
+    fn count(&self, method: &Method, path: &str, query: Option<&str>) {
         let watch =
             query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
         let verb = if watch {
@@ -94,19 +116,20 @@ impl RequestCounts {
             .0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(verb)
+            .entry((verb, resource_of(path)))
             .or_default() += 1;
     }
 
-    /// Prometheus text exposition: `apiserver_request_total{verb="GET"} 12`, one line per verb.
+    /// Prometheus text exposition, one line per verb and resource:
+    /// `apiserver_request_total{verb="GET",resource="drpairs"} 12`.
     pub fn exposition(&self) -> String {
         let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = String::from(
-            "# HELP apiserver_request_total Requests received, by verb.\n# TYPE apiserver_request_total counter\n",
+            "# HELP apiserver_request_total Requests received, by verb and resource.\n# TYPE apiserver_request_total counter\n",
         );
-        for (verb, count) in counts.iter() {
+        for ((verb, resource), count) in counts.iter() {
             out.push_str(&format!(
-                "apiserver_request_total{{verb=\"{verb}\"}} {count}\n"
+                "apiserver_request_total{{verb=\"{verb}\",resource=\"{resource}\"}} {count}\n"
             ));
         }
         out
@@ -262,7 +285,9 @@ async fn handle(State(state): State<Arc<ApiState>>, req: Request) -> Response {
         )
             .into_response();
     }
-    state.requests.count(&parts.method, parts.uri.query());
+    state
+        .requests
+        .count(&parts.method, parts.uri.path(), parts.uri.query());
     if let Some((namespace, pod)) = exec::exec_target(parts.uri.path()) {
         return exec::serve(state.clone(), parts, namespace, pod).await;
     }
@@ -369,26 +394,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_are_counted_by_verb_with_watches_apart() {
+    fn requests_are_counted_by_verb_and_resource_with_watches_apart() {
         let counts = RequestCounts::default();
-        counts.count(&Method::GET, None);
-        counts.count(&Method::GET, Some("labelSelector=a&watch=true"));
-        counts.count(&Method::GET, Some("watch=1"));
-        counts.count(&Method::GET, Some("watch=false"));
-        counts.count(&Method::PATCH, Some("fieldManager=x"));
+        let pods = "/api/v1/namespaces/x/pods";
+        counts.count(&Method::GET, "/api/v1/namespaces/x/pods/p", None);
+        counts.count(&Method::GET, pods, Some("labelSelector=a&watch=true"));
+        counts.count(&Method::GET, pods, Some("watch=1"));
+        counts.count(&Method::GET, pods, Some("watch=false"));
+        counts.count(
+            &Method::PATCH,
+            "/apis/ferry.dev/v1alpha1/namespaces/x/drpairs/p/status",
+            Some("fieldManager=x"),
+        );
+        counts.count(&Method::GET, "/apis/ferry.dev/v1alpha1/sites", None);
         let text = counts.exposition();
-        assert!(
-            text.contains("apiserver_request_total{verb=\"GET\"} 2\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("apiserver_request_total{verb=\"WATCH\"} 2\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("apiserver_request_total{verb=\"PATCH\"} 1\n"),
-            "{text}"
-        );
+        for line in [
+            "apiserver_request_total{verb=\"GET\",resource=\"pods\"} 2\n",
+            "apiserver_request_total{verb=\"WATCH\",resource=\"pods\"} 2\n",
+            "apiserver_request_total{verb=\"PATCH\",resource=\"drpairs/status\"} 1\n",
+            "apiserver_request_total{verb=\"GET\",resource=\"sites\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
         assert!(text.starts_with("# HELP apiserver_request_total"));
     }
 }
