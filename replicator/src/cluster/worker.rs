@@ -47,6 +47,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// `status.currentLagSeconds` is rewritten when the lag moved by this fraction of the RPO
 /// (at least a second), and at once when `rpoMet` flips: 5 s for `rpo: 1m`.
 pub const LAG_STEPS_PER_RPO: f64 = 12.0;
+/// How long a clean overlap check stands while the namespace's DRPairs do not change: the
+/// check captures every earlier pair's app (discovery and a list per kind each), which made
+/// syncs cost O(pairs) captures in a namespace of many pairs (docs/benchmarks.md). Relabelled
+/// app objects that bring two pairs to overlap are caught within this time.
+pub const OVERLAP_RECHECK: Duration = Duration::from_secs(600);
 
 /// How a tick ends.
 #[derive(Debug)]
@@ -92,7 +97,14 @@ pub struct Worker {
     /// open a new TLS connection (the channel reconnects by itself); dropped after a failed
     /// call, so the next tick starts afresh.
     peer_client: Option<(String, ReplicationClient<Channel>)>,
+    /// The namespace's pairs (uid and spec generation) when no overlap was last found, and
+    /// when: the check captures every earlier pair's app, so it is repeated only when the
+    /// pairs change or [`OVERLAP_RECHECK`] has passed.
+    overlap_clear: Option<(PairsFingerprint, std::time::Instant)>,
 }
+
+/// The DRPairs of a namespace as (uid, spec generation), sorted.
+type PairsFingerprint = Vec<(String, Option<i64>)>;
 
 impl Worker {
     /// A worker for `key`.
@@ -110,6 +122,7 @@ impl Worker {
             violated: false,
             unwritten: None,
             peer_client: None,
+            overlap_clear: None,
         }
     }
 
@@ -493,8 +506,33 @@ impl Worker {
     /// (`Ready=False`, `OverlapsPair`, an Event); checked before each sync, as either pair's
     /// selector or the namespace's objects may change.
     async fn refuse_overlap(&mut self, pair: &DRPair) -> Option<Next> {
+        let pairs = match self.api.list(&Default::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(pair = %self.key, error = %e, "listing DRPairs for the overlap check");
+                return None;
+            }
+        };
+        let mut fingerprint: PairsFingerprint = pairs
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .map(|p| (p.uid().unwrap_or_default(), p.metadata.generation))
+            .collect();
+        fingerprint.sort();
+        if let Some((clear, at)) = &self.overlap_clear {
+            if *clear == fingerprint && at.elapsed() < OVERLAP_RECHECK {
+                return None;
+            }
+        }
         let (other, shared) = match overlap(&self.ctx.client, pair).await {
-            Ok(found) => found?,
+            Ok(None) => {
+                self.overlap_clear = Some((fingerprint, std::time::Instant::now()));
+                return None;
+            }
+            Ok(Some(found)) => {
+                self.overlap_clear = None;
+                found
+            }
             Err(e) => {
                 // The sync's own capture reports a failing listing; do not hold it here.
                 tracing::warn!(pair = %self.key, error = %e, "checking for overlapping pairs");
