@@ -97,13 +97,14 @@ pub struct Worker {
     /// open a new TLS connection (the channel reconnects by itself); dropped after a failed
     /// call, so the next tick starts afresh.
     peer_client: Option<(String, ReplicationClient<Channel>)>,
-    /// The namespace's pairs (uid and spec generation) when no overlap was last found, and
-    /// when: the check captures every earlier pair's app, so it is repeated only when the
-    /// pairs change or [`OVERLAP_RECHECK`] has passed.
+    /// This pair and the earlier ones (uid and spec generation) when no overlap was last
+    /// found, and when: the check captures every earlier pair's app, so it is repeated only
+    /// when those pairs change or [`OVERLAP_RECHECK`] has passed.
     overlap_clear: Option<(PairsFingerprint, std::time::Instant)>,
 }
 
-/// The DRPairs of a namespace as (uid, spec generation), sorted.
+/// A pair and the DRPairs created before it in its namespace, as (uid, spec generation),
+/// sorted.
 type PairsFingerprint = Vec<(String, Option<i64>)>;
 
 impl Worker {
@@ -513,9 +514,17 @@ impl Worker {
                 return None;
             }
         };
+        // Only this pair and the ones created before it decide its verdict.
+        let order = |p: &DRPair| {
+            (
+                p.metadata.creation_timestamp.clone().map(|t| t.0),
+                p.name_any(),
+            )
+        };
+        let mine = order(pair);
         let mut fingerprint: PairsFingerprint = pairs
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && order(p) <= mine)
             .map(|p| (p.uid().unwrap_or_default(), p.metadata.generation))
             .collect();
         fingerprint.sort();
