@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/ferry/replication/v1/replication.proto",
         "proto/ferry/witness/v1/witness.proto",
+        "proto/snapshotmetadata/schema.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

@@ -62,7 +62,8 @@ impl PairLabels {
     }
 }
 
-/// Labels of `ferry_chunks_rejected_total`: the pair plus why the destination rejected a chunk.
+/// Labels of `ferry_chunks_rejected_total` and `ferry_full_scans_total`: the pair plus a reason
+/// from a small fixed set (why a chunk was rejected, why a volume was read whole).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RejectLabels {
     namespace: String,
@@ -89,6 +90,8 @@ pub struct Metrics {
     rpo_violations: Family<PairLabels, Counter>,
     chunks_rejected: Family<RejectLabels, Counter>,
     status_write_failures: Family<PairLabels, Counter>,
+    changed_block_reads: Family<PairLabels, Counter>,
+    full_scans: Family<RejectLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,7 +113,8 @@ impl Metrics {
     /// when encoded, OpenMetrics "Metric types"): `ferry_replication_lag_seconds`,
     /// `ferry_sync_duration_seconds`, `ferry_bytes_shipped_total`,
     /// `ferry_blocks_scanned_total`, `ferry_rpo_violations_total`,
-    /// `ferry_chunks_rejected_total`, `ferry_status_write_failures_total`.
+    /// `ferry_chunks_rejected_total`, `ferry_status_write_failures_total`,
+    /// `ferry_changed_block_reads_total`, `ferry_full_scans_total`.
     pub fn with_registry(mut registry: Registry) -> Self {
         let lag_seconds = Family::<PairLabels, Gauge<f64, AtomicU64>>::default();
         let sync_duration_seconds = SyncHistograms::new_with_constructor(sync_histogram);
@@ -119,6 +123,8 @@ impl Metrics {
         let rpo_violations = Family::<PairLabels, Counter>::default();
         let chunks_rejected = Family::<RejectLabels, Counter>::default();
         let status_write_failures = Family::<PairLabels, Counter>::default();
+        let changed_block_reads = Family::<PairLabels, Counter>::default();
+        let full_scans = Family::<RejectLabels, Counter>::default();
         registry.register_with_unit(
             "ferry_replication_lag",
             "Age of the newest generation committed at the destination, in seconds",
@@ -156,8 +162,20 @@ impl Metrics {
             "DRPair status writes the API server refused or did not answer (retried)",
             status_write_failures.clone(),
         );
+        registry.register(
+            "ferry_changed_block_reads",
+            "Block volumes of a sync read through CSI changed block tracking (KEP-3314)",
+            changed_block_reads.clone(),
+        );
+        registry.register(
+            "ferry_full_scans",
+            "Block volumes with a base read whole instead of through changed block tracking, by reason",
+            full_scans.clone(),
+        );
         Self {
             registry,
+            changed_block_reads,
+            full_scans,
             lag_seconds,
             sync_duration_seconds,
             bytes_shipped,
@@ -177,6 +195,24 @@ impl Metrics {
             .observe(duration_seconds);
         self.bytes_shipped.get_or_create(pair).inc_by(bytes);
         self.blocks_scanned.get_or_create(pair).inc_by(blocks);
+    }
+
+    /// Counts one Block volume of `pair` read through changed block tracking in
+    /// `ferry_changed_block_reads_total`.
+    pub fn changed_blocks_read(&self, pair: &PairLabels) {
+        self.changed_block_reads.get_or_create(pair).inc();
+    }
+
+    /// Counts one Block volume of `pair` read whole in `ferry_full_scans_total` with label
+    /// `reason`, one of the fixed codes of [`crate::source::FullScanReason::code`].
+    pub fn full_scan(&self, pair: &PairLabels, reason: &str) {
+        self.full_scans
+            .get_or_create(&RejectLabels {
+                namespace: pair.namespace.clone(),
+                pair: pair.pair.clone(),
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// Sets `ferry_replication_lag_seconds` of `pair` to `lag_seconds` (seconds since the

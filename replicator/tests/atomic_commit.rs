@@ -85,6 +85,7 @@ fn volumes(tree: &Path, image: &Path) -> Vec<SourceVolume> {
             },
             size_bytes: IMAGE_BYTES,
             session: MoverSession::in_process(image.to_path_buf()),
+            changed: None,
         },
         SourceVolume {
             spec: VolumeSpec {
@@ -94,6 +95,7 @@ fn volumes(tree: &Path, image: &Path) -> Vec<SourceVolume> {
             },
             size_bytes: 0,
             session: MoverSession::in_process(tree.to_path_buf()),
+            changed: None,
         },
     ]
 }

@@ -49,6 +49,7 @@ fn volumes(tree: &Path, image: &Path) -> Vec<SourceVolume> {
             },
             size_bytes: 0,
             session: MoverSession::in_process(tree.to_path_buf()),
+            changed: None,
         },
         SourceVolume {
             spec: VolumeSpec {
@@ -58,6 +59,7 @@ fn volumes(tree: &Path, image: &Path) -> Vec<SourceVolume> {
             },
             size_bytes: IMAGE_BYTES,
             session: MoverSession::in_process(image.to_path_buf()),
+            changed: None,
         },
     ]
 }

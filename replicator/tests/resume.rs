@@ -88,6 +88,7 @@ fn volume(image: &std::path::Path) -> Vec<SourceVolume> {
         },
         size_bytes: IMAGE_BYTES,
         session: MoverSession::in_process(image.to_path_buf()),
+        changed: None,
     }]
 }
 

@@ -61,6 +61,12 @@ wire_enum! {
         /// manifests are applied here, parked (normal-true). Written only once a pair has
         /// been in warm standby; `False` with `StandbyStored` after a switch back to cold.
         StandbyApplied = "StandbyApplied",
+        /// At the source, for pairs with Block volumes (normal-true): the last sync read only
+        /// the blocks the CSI driver's changed block tracking reported (KEP-3314
+        /// SnapshotMetadata `GetMetadataDelta`). `False` with `FullScan` names each volume
+        /// read whole and why (no SnapshotMetadataService for the driver, base snapshot gone,
+        /// token refused, an error, a resized volume). Written once a volume has a base.
+        ChangedBlockTracking = "ChangedBlockTracking",
     }
 }
 
@@ -69,6 +75,12 @@ wire_enum! {
     pub enum PairConditionReason {
         /// `Synced=True`: the last sync committed a generation.
         SyncSucceeded = "SyncSucceeded",
+        /// `ChangedBlockTracking=True`: every Block volume was read through changed block
+        /// tracking.
+        ChangedBlocksRead = "ChangedBlocksRead",
+        /// `ChangedBlockTracking=False`: at least one Block volume was read whole; the message
+        /// names it and why.
+        FullScan = "FullScan",
         /// `Synced=Unknown`: a sync is running and none has completed yet since
         /// the spec changed.
         SyncInProgress = "SyncInProgress",
@@ -284,7 +296,8 @@ mod tests {
                 "Ready",
                 "FailoverBlocked",
                 "WitnessQuorumLost",
-                "StandbyApplied"
+                "StandbyApplied",
+                "ChangedBlockTracking"
             ]
         );
         assert_eq!(

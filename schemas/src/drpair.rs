@@ -455,7 +455,8 @@ pub struct DRPairStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_request: Option<String>,
     /// Conditions keyed by type: Synced, PeerReachable, RPOMet, Ready,
-    /// FailoverBlocked, WitnessQuorumLost and, at a warm standby, StandbyApplied.
+    /// FailoverBlocked, WitnessQuorumLost, at a warm standby StandbyApplied and, at the
+    /// source of a pair with Block volumes, ChangedBlockTracking.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

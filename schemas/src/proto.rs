@@ -2,7 +2,9 @@
 //! between a replicator and its mover pods (`Mover`), from
 //! `proto/ferry/replication/v1/replication.proto`; between site controllers and witnesses
 //! (`Witness`) and among witnesses (`RaftPeer`), from `proto/ferry/witness/v1/witness.proto`.
-//! The .proto files document every message.
+//! The .proto files document every message. `snapshotmetadata` is the Kubernetes
+//! SnapshotMetadata API of KEP-3314 (CSI changed block tracking), vendored unchanged from
+//! kubernetes-csi/external-snapshot-metadata v1.1.0 in `proto/snapshotmetadata/schema.proto`.
 //!
 //! Wire compatibility follows the protobuf rules: fields are only ever added, with new numbers.
 
@@ -16,6 +18,13 @@ pub mod replication {
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod witness {
     tonic::include_proto!("ferry.witness.v1");
+}
+
+/// `snapshotmetadata` (KEP-3314): the SnapshotMetadata service a CSI driver's
+/// external-snapshot-metadata sidecar serves, its client, and `GetMetadataDelta`'s messages.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod snapshotmetadata {
+    tonic::include_proto!("snapshotmetadata");
 }
 
 pub use replication::{

@@ -21,7 +21,7 @@ use crate::destination::{PairKey, ReplicaError, VolumeSpec};
 use crate::source::SourceVolume;
 use ferry_manifests::{capture, sanitise, ManifestBundle};
 use ferry_runtime::volumes::{
-    create_claim, delete_claim, delete_snapshot, snapshot_claim, ClaimShape,
+    create_claim, delete_claim, delete_snapshot, list_snapshots, snapshot_claim, ClaimShape,
 };
 use ferry_schemas::validation::{ValidPairSpec, VolumeSelection};
 
@@ -45,9 +45,47 @@ pub struct Cleanup {
     pair: String,
     snapshots: Vec<String>,
     claims: Vec<String>,
+    /// Snapshots to keep once the generation commits: the next sync's changed block tracking
+    /// base (see [`super::cbt`]).
+    keep: Vec<String>,
 }
 
 impl Cleanup {
+    /// Keeps `snapshot` after a commit, as the base of the next generation's changed block
+    /// tracking query.
+    pub fn keep_as_base(&mut self, snapshot: String) {
+        self.keep.push(snapshot);
+    }
+
+    /// After generation `generation` committed: deletes the movers, the restored PVCs and the
+    /// snapshots not kept as a base, then every source snapshot of the pair from an earlier
+    /// generation (the bases this generation replaces). Best effort, as [`Self::run`].
+    pub async fn after_commit(mut self, client: &Client, movers: &MoverPods, generation: u64) {
+        let keep = std::mem::take(&mut self.keep);
+        self.snapshots.retain(|s| !keep.contains(s));
+        let (namespace, pair) = (self.namespace.clone(), self.pair.clone());
+        self.run(client, movers).await;
+        let selector = format!("{PAIR_LABEL}={pair},{ROLE_LABEL}=source");
+        let earlier = match list_snapshots(client, &namespace, &selector).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing earlier source snapshots");
+                return;
+            }
+        };
+        for (name, labels) in earlier {
+            let older = labels
+                .get(GENERATION_LABEL)
+                .and_then(|g| g.parse::<u64>().ok())
+                .is_some_and(|g| g < generation);
+            if older && !keep.contains(&name) {
+                if let Err(e) = delete_snapshot(client, &namespace, &name).await {
+                    tracing::warn!(error = %e, "deleting an earlier base snapshot");
+                }
+            }
+        }
+    }
+
     /// Deletes the mover pods, restored PVCs and snapshots of this capture. Best effort: a
     /// failure is logged and the objects stay labelled for the next cleanup.
     pub async fn run(self, client: &Client, movers: &MoverPods) {
@@ -199,7 +237,8 @@ fn source_labels(pair: &PairKey, generation: u64, volume: &str) -> BTreeMap<Stri
     ])
 }
 
-fn snapshot_name(pair: &PairKey, claim: &str, generation: u64) -> String {
+/// The source VolumeSnapshot of `claim` at `generation`: `ferry-<pair>-<claim>-g<N>-src`.
+pub fn snapshot_name(pair: &PairKey, claim: &str, generation: u64) -> String {
     format!("ferry-{}-{claim}-g{generation}-src", pair.name)
 }
 
@@ -277,6 +316,7 @@ async fn mount(
             },
             size_bytes: 0,
             session,
+            changed: None,
         });
     }
     Ok(volumes)

@@ -19,10 +19,13 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use ferry_runtime::finalizer;
+use ferry_runtime::volumes::{delete_snapshot, list_snapshots};
 use ferry_schemas::conditions::{
     ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
 };
-use ferry_schemas::contract::{PEER_RELEASE_FINALIZER, RELEASE_WITHOUT_PEER_ANNOTATION};
+use ferry_schemas::contract::{
+    PAIR_LABEL, PEER_RELEASE_FINALIZER, RELEASE_WITHOUT_PEER_ANNOTATION, ROLE_LABEL,
+};
 use ferry_schemas::drpair::DeletionPolicy;
 use ferry_schemas::proto::replication::{PairRef, ReleasePolicy, ReleaseRequest};
 use ferry_schemas::{DRPair, Site};
@@ -118,6 +121,23 @@ pub async fn finalize(ctx: &SiteContext, api: &Api<DRPair>, pair: &DRPair, key: 
         }
         if let Err(e) = ctx.hashes.remove_pair(&key.to_string()) {
             tracing::warn!(pair = %key, error = %e, "removing the pair's block indexes");
+            return Next::Wait(RETRY);
+        }
+    }
+    // The base snapshots changed block tracking keeps at the source are Ferry's own, whatever
+    // the policy says about the copy at the peer.
+    let selector = format!("{PAIR_LABEL}={},{ROLE_LABEL}=source", key.name);
+    match list_snapshots(&ctx.client, &key.namespace, &selector).await {
+        Ok(snapshots) => {
+            for (name, _) in snapshots {
+                if let Err(e) = delete_snapshot(&ctx.client, &key.namespace, &name).await {
+                    tracing::warn!(pair = %key, error = %e, "deleting a base snapshot");
+                    return Next::Wait(RETRY);
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(pair = %key, error = %e, "listing base snapshots");
             return Next::Wait(RETRY);
         }
     }

@@ -6,6 +6,7 @@
 //! Everything above this module works on paths, sessions and gRPC only.
 
 pub mod capture;
+pub mod cbt;
 pub mod deletion;
 pub mod dr_view;
 pub mod hooks;

@@ -17,9 +17,9 @@ use ferry_schemas::conditions::{
 use ferry_schemas::contract::PEER_RELEASE_FINALIZER;
 use ferry_schemas::DRPair;
 
-use super::capture::capture_generation;
+use super::capture::{capture_generation, snapshot_name};
 use super::movers::MoverPods;
-use crate::delta::HashStore;
+use crate::delta::{HashStore, VolumeKey};
 use crate::destination::{
     CommittedGeneration, DestinationObserver, PairKey, Rejection, Release, SiteView,
 };
@@ -148,9 +148,33 @@ pub(super) async fn sync_once(
     generation: u64,
     epoch: u64,
 ) -> Result<(crate::source::ShipReport, SystemTime), String> {
-    let captured = capture_generation(&ctx.client, &ctx.movers, key, valid, generation)
+    let mut captured = capture_generation(&ctx.client, &ctx.movers, key, valid, generation)
         .await
         .map_err(|e| format!("capture of generation {generation}: {e}"))?;
+    // Block volumes: what changed since the last committed generation's snapshot, from the
+    // CSI driver's changed block tracking.
+    for volume in captured.volumes.iter_mut().filter(|v| v.spec.block) {
+        let claim = volume.spec.volume.clone();
+        let base = ctx
+            .hashes
+            .load(&VolumeKey::new(key.to_string(), claim.clone()))
+            .ok()
+            .and_then(|loaded| loaded.into_previous())
+            .map(|index| index.generation.0);
+        let base_name = base.map(|g| (snapshot_name(key, &claim, g), g));
+        let target = snapshot_name(key, &claim, generation);
+        let answer = super::cbt::changed_blocks(
+            &ctx.client,
+            &key.namespace,
+            base_name.as_ref().map(|(name, g)| (name.as_str(), *g)),
+            &target,
+        )
+        .await;
+        if answer.service {
+            captured.cleanup.keep_as_base(target);
+        }
+        volume.changed = Some(answer.changed);
+    }
     let pair_json = serde_json::to_vec(&json!({
         "metadata": {"name": key.name, "namespace": key.namespace, "labels": pair.metadata.labels},
         "spec": pair.spec,
@@ -175,7 +199,15 @@ pub(super) async fn sync_once(
         &Faults::default(),
     )
     .await;
-    captured.cleanup.run(&ctx.client, &ctx.movers).await;
+    match &result {
+        Ok(_) => {
+            captured
+                .cleanup
+                .after_commit(&ctx.client, &ctx.movers, generation)
+                .await
+        }
+        Err(_) => captured.cleanup.run(&ctx.client, &ctx.movers).await,
+    }
     result
         .map(|report| (report, capture_time))
         .map_err(|e| format!("shipping generation {generation}: {e}"))

@@ -468,16 +468,16 @@ impl Worker {
                     String::new()
                 };
                 let rpo = valid.rpo.as_secs();
-                self.status(
-                    fields,
-                    vec![
-                        (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer_name}: {shipped} bytes in {:.1}s{of_index}", duration.as_secs_f64())),
-                        (T::PeerReachable, S::True, R::PeerResponding, format!("replicator of site {peer_name} at {endpoint}")),
-                        (T::RpoMet, S::True, R::WithinRpo, format!("lag {lag:.0}s, rpo {rpo}s")),
-                        (T::Ready, S::True, R::Protected, format!("generation {generation} is complete at {peer_name}")),
-                    ],
-                )
-                .await;
+                let mut conditions = vec![
+                    (T::Synced, S::True, R::SyncSucceeded, format!("generation {generation} committed at {peer_name}: {shipped} bytes in {:.1}s{of_index}", duration.as_secs_f64())),
+                    (T::PeerReachable, S::True, R::PeerResponding, format!("replicator of site {peer_name} at {endpoint}")),
+                    (T::RpoMet, S::True, R::WithinRpo, format!("lag {lag:.0}s, rpo {rpo}s")),
+                    (T::Ready, S::True, R::Protected, format!("generation {generation} is complete at {peer_name}")),
+                ];
+                if let Some(tracking) = self.changed_block_tracking(pair, &report).await {
+                    conditions.push(tracking);
+                }
+                self.status(fields, conditions).await;
                 tracing::info!(pair = %self.key, generation, bytes = report.bytes_shipped, seconds = duration.as_secs_f64(), "generation shipped");
             }
             Err(message) => {
@@ -679,4 +679,64 @@ async fn overlap(
         }
     }
     Ok(None)
+}
+
+impl Worker {
+    /// The `ChangedBlockTracking` condition for a shipped generation, with its metrics and, when
+    /// a volume newly falls back to a full scan, a `FullScan` Event. `None` when no Block
+    /// volume had a base to compare with (Filesystem volumes, a first sync).
+    async fn changed_block_tracking(
+        &self,
+        pair: &DRPair,
+        report: &crate::source::ShipReport,
+    ) -> Option<(T, S, R, String)> {
+        use crate::source::ReadMode;
+        let mut read = Vec::new();
+        let mut whole = Vec::new();
+        for (volume, v) in &report.volumes {
+            match &v.read_mode {
+                ReadMode::Whole => {}
+                ReadMode::ChangedBlocks => {
+                    self.ctx.metrics.changed_blocks_read(&self.labels);
+                    let bytes_read = v.bytes_scanned.saturating_sub(v.bytes_unread);
+                    read.push(format!(
+                        "{volume}: {bytes_read} of {} bytes read",
+                        v.bytes_scanned
+                    ));
+                }
+                ReadMode::FullScan(reason) => {
+                    self.ctx.metrics.full_scan(&self.labels, reason.code);
+                    whole.push(format!("{volume} read whole: {}", reason.message));
+                }
+            }
+        }
+        if whole.is_empty() && read.is_empty() {
+            return None;
+        }
+        if whole.is_empty() {
+            return Some((
+                T::ChangedBlockTracking,
+                S::True,
+                R::ChangedBlocksRead,
+                format!("changed block tracking: {}", read.join("; ")),
+            ));
+        }
+        let mut message = whole.join("; ");
+        if !read.is_empty() {
+            message.push_str(&format!("; changed block tracking: {}", read.join("; ")));
+        }
+        // An Event when the reason is new, not on every sync of a driver without the service.
+        let reported = pair.status.as_ref().is_some_and(|s| {
+            T::ChangedBlockTracking
+                .find(&s.conditions)
+                .is_some_and(|c| c.message == message)
+        });
+        if !reported {
+            self.ctx
+                .status
+                .event(pair, true, "FullScan", "Sync", message.clone())
+                .await;
+        }
+        Some((T::ChangedBlockTracking, S::False, R::FullScan, message))
+    }
 }

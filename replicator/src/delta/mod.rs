@@ -129,5 +129,6 @@ pub use index::{
 };
 pub use relpath::{InvalidRelPath, RelPath, STASH_DIR_NAME};
 pub use scan::{
-    scan, scan_against, QuickCheck, ScanError, ScanOptions, ScanStats, Scanned, VolumeSnapshot,
+    scan, scan_against, scan_changed, ChangedScanError, QuickCheck, ScanError, ScanOptions,
+    ScanStats, Scanned, VolumeSnapshot,
 };

@@ -279,6 +279,120 @@ pub fn scan_against(
     })
 }
 
+/// Why [`scan_changed`] cannot trust a changed-extents list against a previous index: the
+/// caller scans everything instead, and reports this as the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangedScanError {
+    /// The previous index is not a usable base for this image.
+    #[error("{0}")]
+    Unusable(String),
+    /// Reading the image failed.
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+}
+
+/// Scans block image `path` reading only `changed`: byte ranges `(offset, length)` that differ
+/// from the image `previous` describes, as a CSI driver's changed block tracking reports them
+/// (KEP-3314 `GetMetadataDelta`). Each range is widened to whole blocks and hashed; every
+/// other block keeps its hash from `previous`. The result equals [`scan`]'s as long as the
+/// driver's list is complete, which is the driver's promise; the destination's verification
+/// of the digest catches a driver that breaks it.
+///
+/// # Errors
+/// [`ChangedScanError::Unusable`] when `previous` is not an image index of the same size and
+/// block size (the volume was resized, or the base is another generation's layout), or a
+/// range ends past the image; [`ChangedScanError::Scan`] when a read fails.
+pub fn scan_changed(
+    path: &Path,
+    options: &ScanOptions,
+    generation: Generation,
+    previous: &BlockIndex,
+    changed: &[(u64, u64)],
+) -> Result<Scanned, ChangedScanError> {
+    let unusable = |why: String| Err(ChangedScanError::Unusable(why));
+    let IndexContent::Image(base) = &previous.content else {
+        return unusable("the base index describes a file tree, not an image".into());
+    };
+    if previous.block_size != options.block_size {
+        return unusable(format!(
+            "the base index has {}-byte blocks, this scan {}",
+            previous.block_size.bytes(),
+            options.block_size.bytes()
+        ));
+    }
+    let file = File::open(path).map_err(|source| ScanError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| ScanError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    if size != base.size_bytes {
+        return unusable(format!(
+            "the volume is {size} bytes, its base generation {} was {} (resized)",
+            previous.generation.0, base.size_bytes
+        ));
+    }
+    let bs = options.block_size.bytes_u64();
+    if base.blocks.len() as u64 != size.div_ceil(bs) {
+        return unusable(format!(
+            "the base index holds {} block hashes for {size} bytes",
+            base.blocks.len()
+        ));
+    }
+    // Whole blocks, merged and in order, so each block is hashed once.
+    let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(changed.len());
+    for &(offset, length) in changed {
+        let end = offset.saturating_add(length);
+        if end > size {
+            return unusable(format!(
+                "a changed extent ends at byte {end}, past the volume's {size} bytes"
+            ));
+        }
+        if length == 0 {
+            continue;
+        }
+        ranges.push((
+            offset / bs * bs,
+            end.div_ceil(bs).saturating_mul(bs).min(size),
+        ));
+    }
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push((start, end)),
+        }
+    }
+    let mut hasher = BlockHasher::new(options);
+    let mut stats = ScanStats::default();
+    let mut blocks = base.blocks.clone();
+    let mut fresh = Vec::new();
+    for (start, end) in merged {
+        fresh.clear();
+        hasher.hash_range(&file, path, start, end, &mut fresh, &mut stats)?;
+        let first = (start / bs) as usize;
+        blocks[first..first + fresh.len()].copy_from_slice(&fresh);
+    }
+    tracing::debug!(?stats, "scanned changed extents");
+    Ok(Scanned {
+        index: BlockIndex {
+            generation,
+            block_size: options.block_size,
+            content: IndexContent::Image(ImageIndex {
+                size_bytes: size,
+                blocks,
+            }),
+        },
+        stats,
+    })
+}
+
 fn meta_of(md: &fs::Metadata) -> Meta {
     Meta {
         mode: md.mode() & 0o7777,
@@ -967,6 +1081,36 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ScanError::NotADirectory { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn changed_extents_scan_equals_a_full_scan_and_reads_only_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let bs = 4096usize;
+        let mut data: Vec<u8> = (0..64 * bs + 100).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let opts = options(4096, 2);
+        let image = VolumeSnapshot::Image(path.clone());
+        let base = scan(&image, &opts, Generation(1)).unwrap().index;
+        // Two writes: one across a block boundary, one in the short last block.
+        data[5 * bs - 10..5 * bs + 10].fill(7);
+        let last = data.len() - 3;
+        data[last] = 9;
+        std::fs::write(&path, &data).unwrap();
+        let changed = [((5 * bs - 10) as u64, 20u64), (last as u64, 1u64)];
+        let got = scan_changed(&path, &opts, Generation(2), &base, &changed).unwrap();
+        let full = scan(&image, &opts, Generation(2)).unwrap();
+        assert_eq!(got.index, full.index);
+        assert_eq!(got.stats.blocks_scanned, 3, "blocks 4, 5 and the last");
+        assert_eq!(got.stats.bytes_scanned, 2 * bs as u64 + 100);
+        // A resized volume cannot use the base; an extent past the end is refused.
+        std::fs::write(&path, &data[..32 * bs]).unwrap();
+        let err = scan_changed(&path, &opts, Generation(3), &base, &[]).unwrap_err();
+        assert!(err.to_string().contains("resized"), "{err}");
+        std::fs::write(&path, &data).unwrap();
+        let err = scan_changed(&path, &opts, Generation(3), &base, &[(0, 1 << 30)]).unwrap_err();
+        assert!(err.to_string().contains("past the volume"), "{err}");
     }
 
     #[test]

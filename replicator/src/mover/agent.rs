@@ -14,8 +14,9 @@ use ferry_schemas::proto::replication::{
 use tokio::sync::mpsc;
 
 use crate::delta::{
-    diff, scan_against, Applier, BlockIndex, ChunkOptions, ChunkStream, DeltaChunk, FinishOptions,
-    Generation, Mtime, QuickCheck, ScanOptions, StreamId, VolumeDigest, VolumeKind, VolumeSnapshot,
+    diff, scan_against, scan_changed, Applier, BlockIndex, ChangedScanError, ChunkOptions,
+    ChunkStream, DeltaChunk, FinishOptions, Generation, Mtime, QuickCheck, ScanOptions, StreamId,
+    VolumeDigest, VolumeKind, VolumeSnapshot,
 };
 
 /// Runs a session on the volume at `root` (a directory for a file tree, an image file or
@@ -87,22 +88,51 @@ fn read_volume(
         )
     };
     let snapshot = snapshot_at(root, read.block);
-    let scanned = scan_against(
-        &snapshot,
-        &ScanOptions::default(),
-        Generation(read.generation),
-        previous
-            .as_ref()
-            .filter(|_| read.quick_check_before_unix_nanos > 0)
-            .map(|previous| QuickCheck {
-                previous,
-                modified_before: Mtime {
-                    secs: read.quick_check_before_unix_nanos.div_euclid(1_000_000_000),
-                    nanos: read.quick_check_before_unix_nanos.rem_euclid(1_000_000_000) as u32,
-                },
-            }),
-    )
-    .map_err(|e| failure(format!("scanning {}: {}", root.display(), error_chain(&e))))?;
+    let scan_failed = |e: &dyn std::error::Error| {
+        failure(format!("scanning {}: {}", root.display(), error_chain(e)))
+    };
+    // Changed block tracking: read only what the CSI driver says changed since the base.
+    let mut cbt_fallback = String::new();
+    let mut from_changed = None;
+    match (&read.changed, &previous) {
+        (Some(changed), Some(base)) if read.block => {
+            let extents: Vec<(u64, u64)> = changed
+                .extents
+                .iter()
+                .map(|e| (e.offset_bytes, e.size_bytes))
+                .collect();
+            let generation = Generation(read.generation);
+            match scan_changed(root, &ScanOptions::default(), generation, base, &extents) {
+                Ok(scanned) => from_changed = Some(scanned),
+                Err(ChangedScanError::Unusable(why)) => cbt_fallback = why,
+                Err(ChangedScanError::Scan(e)) => return Err(scan_failed(&e)),
+            }
+        }
+        (Some(_), _) => {
+            cbt_fallback = "changed extents need a block volume and a base index".into();
+        }
+        (None, _) => {}
+    }
+    let cbt = from_changed.is_some();
+    let scanned = match from_changed {
+        Some(scanned) => scanned,
+        None => scan_against(
+            &snapshot,
+            &ScanOptions::default(),
+            Generation(read.generation),
+            previous
+                .as_ref()
+                .filter(|_| read.quick_check_before_unix_nanos > 0)
+                .map(|previous| QuickCheck {
+                    previous,
+                    modified_before: Mtime {
+                        secs: read.quick_check_before_unix_nanos.div_euclid(1_000_000_000),
+                        nanos: read.quick_check_before_unix_nanos.rem_euclid(1_000_000_000) as u32,
+                    },
+                }),
+        )
+        .map_err(|e| scan_failed(&e))?,
+    };
     let index_bytes = postcard::to_stdvec(&scanned.index)
         .map_err(|e| failure(format!("encoding the index: {e}")))?;
     send(events, Event::Index(index_bytes))?;
@@ -117,6 +147,8 @@ fn read_volume(
                 wire_bytes: 0,
                 files_unread: scanned.stats.files_unread,
                 bytes_unread: scanned.stats.bytes_unread,
+                changed_block_tracking: cbt,
+                changed_block_tracking_fallback: cbt_fallback,
             }),
         );
     }
@@ -142,7 +174,16 @@ fn read_volume(
             chunks,
             wire_bytes: summary.wire_bytes,
             files_unread: scanned.stats.files_unread,
-            bytes_unread: scanned.stats.bytes_unread,
+            // With changed block tracking, what lies outside the changed extents is unread.
+            bytes_unread: if cbt {
+                plan.stats
+                    .bytes_scanned
+                    .saturating_sub(scanned.stats.bytes_scanned)
+            } else {
+                scanned.stats.bytes_unread
+            },
+            changed_block_tracking: cbt,
+            changed_block_tracking_fallback: cbt_fallback,
         }),
     )
 }

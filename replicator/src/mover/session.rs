@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use ferry_schemas::proto::replication::{
-    mover_command::Command, mover_event::Event, FinishCommand, MoverCommand, MoverEvent,
-    OpenCommand, ReadCommand, ReadSummary,
+    mover_command::Command, mover_event::Event, ChangedExtents, Extent, FinishCommand,
+    MoverCommand, MoverEvent, OpenCommand, ReadCommand, ReadSummary,
 };
 use tokio::sync::mpsc;
 
@@ -101,7 +101,9 @@ impl MoverSession {
     /// Source side: asks the mover to scan its volume as `generation` and stream the delta
     /// against `previous` (a full copy when `None`), skipping chunks below `from_seq`. With
     /// `quick_check_before`, files whose size and mtime match `previous` and that were
-    /// modified before that instant are not read (see [`crate::delta::scan_against`]). Returns the new index; then call
+    /// modified before that instant are not read (see [`crate::delta::scan_against`]). With
+    /// `changed` (Block volumes: byte ranges `(offset, length)` from changed block tracking),
+    /// only those ranges are read (see [`crate::delta::scan_changed`]). Returns the new index; then call
     /// [`next_chunk`](Self::next_chunk) until it returns the summary.
     ///
     /// # Errors
@@ -113,6 +115,7 @@ impl MoverSession {
         from_seq: u64,
         block: bool,
         quick_check_before: Option<std::time::SystemTime>,
+        changed: Option<&[(u64, u64)]>,
     ) -> Result<BlockIndex, SessionError> {
         let quick_check_before_unix_nanos = quick_check_before
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
@@ -128,6 +131,15 @@ impl MoverSession {
             block,
             index_only: false,
             quick_check_before_unix_nanos,
+            changed: changed.map(|extents| ChangedExtents {
+                extents: extents
+                    .iter()
+                    .map(|&(offset_bytes, size_bytes)| Extent {
+                        offset_bytes,
+                        size_bytes,
+                    })
+                    .collect(),
+            }),
         }))
         .await?;
         match self.next().await? {
@@ -153,6 +165,7 @@ impl MoverSession {
             block,
             index_only: true,
             quick_check_before_unix_nanos: 0,
+            changed: None,
         }))
         .await?;
         let index = match self.next().await? {

@@ -6,6 +6,6 @@ pub mod ship;
 
 pub use schedule::RpoSchedule;
 pub use ship::{
-    committed_state, ship, Faults, ShipError, ShipReport, ShipRequest, SourceVolume, VolumeReport,
-    PARALLEL_VOLUMES, QUICK_CHECK_MARGIN, WINDOW_CHUNKS,
+    committed_state, ship, ChangedBlocks, Faults, FullScanReason, ReadMode, ShipError, ShipReport,
+    ShipRequest, SourceVolume, VolumeReport, PARALLEL_VOLUMES, QUICK_CHECK_MARGIN, WINDOW_CHUNKS,
 };

@@ -55,6 +55,48 @@ pub struct SourceVolume {
     pub size_bytes: u64,
     /// A session on the generation's point-in-time copy.
     pub session: MoverSession,
+    /// What the CSI driver's changed block tracking says changed since a base generation
+    /// (Block volumes); `None` when it was not asked (a Filesystem volume).
+    pub changed: Option<ChangedBlocks>,
+}
+
+/// The answer of the CSI driver's changed block tracking (KEP-3314 `GetMetadataDelta`) for one
+/// volume of a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangedBlocks {
+    /// The byte ranges `(offset, length)` that differ from the volume's snapshot at
+    /// `base_generation`.
+    Known {
+        /// The generation whose source snapshot was the base.
+        base_generation: u64,
+        /// Changed byte ranges, ascending.
+        extents: Vec<(u64, u64)>,
+    },
+    /// Not known: the whole volume is read.
+    Unknown(FullScanReason),
+}
+
+/// Why a Block volume was read whole instead of through changed block tracking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FullScanReason {
+    /// Short, stable code for metrics: `no_service`, `no_base`, `unauthorised`, `error`,
+    /// `resized`, `base_mismatch`.
+    pub code: &'static str,
+    /// What happened, naming the object (for the DRPair status and the Event).
+    pub message: String,
+}
+
+/// How a volume of a shipped generation was read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ReadMode {
+    /// A Filesystem volume, or a full copy with no base: read whole, nothing to track.
+    #[default]
+    Whole,
+    /// Only the changed extents the CSI driver reported were read.
+    ChangedBlocks,
+    /// A Block volume with a base, read whole because changed block tracking could not be
+    /// used.
+    FullScan(FullScanReason),
 }
 
 /// Test and chaos hooks: damage chunks on the wire, as a faulty network would.
@@ -103,8 +145,11 @@ pub struct VolumeReport {
     pub wire_bytes: u64,
     /// Whether this was a full copy (no usable base).
     pub full_copy: bool,
-    /// Bytes of files the quick check took from the previous index unread.
+    /// Bytes taken from the previous index unread: files the quick check trusted, or blocks
+    /// outside the changed extents.
     pub bytes_unread: u64,
+    /// Whether changed block tracking was used, or why not.
+    pub read_mode: ReadMode,
 }
 
 /// What a shipped generation cost.
@@ -513,6 +558,30 @@ async fn ship_volume(
         source,
     };
     let generation = link.header.generation;
+    // Changed block tracking applies to a delta against the very generation it was asked about.
+    let mut read_mode = ReadMode::Whole;
+    let mut changed = None;
+    if let (Some(base), Some(answer)) = (&base, volume.changed.take()) {
+        match answer {
+            ChangedBlocks::Known {
+                base_generation,
+                extents,
+            } if base_generation == base.generation.0 => changed = Some(extents),
+            ChangedBlocks::Known {
+                base_generation, ..
+            } => {
+                read_mode = ReadMode::FullScan(FullScanReason {
+                    code: "base_mismatch",
+                    message: format!(
+                        "changed blocks were reported against generation {base_generation}, \
+                         the destination's base is generation {}",
+                        base.generation.0
+                    ),
+                })
+            }
+            ChangedBlocks::Unknown(reason) => read_mode = ReadMode::FullScan(reason),
+        }
+    }
     let index = volume
         .session
         .read(
@@ -521,6 +590,7 @@ async fn ship_volume(
             from_seq,
             volume.spec.block,
             link.quick_check_before,
+            changed.as_deref(),
         )
         .await
         .map_err(read_failed)?;
@@ -529,6 +599,7 @@ async fn ship_volume(
         index,
         report: VolumeReport {
             full_copy: base.is_none(),
+            read_mode,
             ..VolumeReport::default()
         },
         rejected: 0,
@@ -581,6 +652,19 @@ async fn ship_volume(
                         shipped.report.blocks_scanned = summary.blocks_scanned;
                         shipped.report.bytes_changed = summary.bytes_changed;
                         shipped.report.bytes_unread = summary.bytes_unread;
+                        if summary.changed_block_tracking {
+                            shipped.report.read_mode = ReadMode::ChangedBlocks;
+                        } else if !summary.changed_block_tracking_fallback.is_empty() {
+                            shipped.report.read_mode = ReadMode::FullScan(FullScanReason {
+                                code: if summary.changed_block_tracking_fallback.contains("resized")
+                                {
+                                    "resized"
+                                } else {
+                                    "error"
+                                },
+                                message: summary.changed_block_tracking_fallback,
+                            });
+                        }
                         read_done = true;
                         continue;
                     }

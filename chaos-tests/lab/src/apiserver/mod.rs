@@ -6,6 +6,7 @@
 //! (finalizers, garbage collection, namespace termination, CRD establishment). Everything a
 //! client sees as an error is a `metav1.Status` ([`lab_apimachinery::status`]).
 
+pub mod authn;
 pub mod discovery;
 pub mod errors;
 pub mod exec;
@@ -73,6 +74,8 @@ pub struct ApiState {
     pub exec: std::sync::OnceLock<Arc<dyn exec::ExecBackend>>,
     /// Requests served, by verb, as `GET /metrics` reports them.
     pub requests: RequestCounts,
+    /// ServiceAccount tokens issued through the TokenRequest API.
+    pub tokens: authn::Tokens,
 }
 
 /// Requests an API server received, by verb and resource, like kube-apiserver's
@@ -199,6 +202,7 @@ impl ApiServer {
             stopping: stopped.clone(),
             exec: std::sync::OnceLock::new(),
             requests: RequestCounts::default(),
+            tokens: authn::Tokens::default(),
         });
         lifecycle::serve_stored_crds(&state).map_err(|source| StartError::Store {
             dir: config.data_dir.clone(),
@@ -305,6 +309,10 @@ async fn handle(State(state): State<Arc<ApiState>>, req: Request) -> Response {
     };
     let method = parts.method.clone();
     let path = parts.uri.path().to_string();
+    if let Some(endpoint) = authn::endpoint(&path) {
+        return authn::serve(&state, endpoint, &method, &body)
+            .unwrap_or_else(|e| error_response(&e));
+    }
     let result = dispatch(&state, &method, &path, query, &parts.headers, &body).await;
     match result {
         Ok(resp) => resp,

@@ -7,6 +7,8 @@
 //! - [`snapshots`]: fulfils VolumeSnapshots with point-in-time copies (reflink where the
 //!   filesystem supports it), creating the VolumeSnapshotContent and the status a CSI driver
 //!   plus external-snapshotter would.
+//! - [`snapshot_metadata`]: the driver's SnapshotMetadata service (KEP-3314 changed block
+//!   tracking), answering from the snapshot files' shared extents.
 //! - [`kubelet`]: runs pods whose image is in the [`catalog`] as local processes, and
 //!   [`workloads`] turns Deployments, StatefulSets and Jobs into pods.
 //!
@@ -20,6 +22,7 @@ pub mod kubelet;
 pub mod probes;
 pub mod projected;
 pub mod registration;
+pub mod snapshot_metadata;
 pub mod snapshots;
 pub mod storage;
 pub mod timeline;
@@ -95,6 +98,7 @@ pub fn spawn_all(ctx: Arc<NodeContext>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = vec![
         tokio::spawn(storage::run(ctx.clone())),
         tokio::spawn(snapshots::run(ctx.clone())),
+        tokio::spawn(snapshot_metadata::run(ctx.clone())),
     ];
     match ctx.control_plane {
         ControlPlane::Lab => tasks.push(tokio::spawn(workloads::run(ctx.clone()))),
