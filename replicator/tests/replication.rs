@@ -523,3 +523,127 @@ fn random_bytes(rng: &mut rand::rngs::StdRng, len: usize) -> Vec<u8> {
     rng.fill(&mut data[..]);
     data
 }
+
+/// Changed block tracking at the protocol level: ranges reported against this site's index
+/// of the destination's generation are the only bytes read and the copy stays exact; ranges
+/// reported against another index of the same generation number (a diverged seed's, say)
+/// are refused and the volume is read whole; a resized volume is read whole too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_extents_are_used_only_against_the_index_they_describe() {
+    use ferry_replicator::delta::VolumeKey;
+    use ferry_replicator::source::{ChangedBlocks, ReadMode};
+    let Setup {
+        dir: _dir,
+        dest,
+        mut rpc,
+        hashes,
+        tree,
+        image,
+        mut rng,
+    } = Setup::start(3314).await;
+    ship(
+        &mut rpc,
+        &hashes,
+        &request(1, 1),
+        volumes(&tree, &image),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let base = hashes
+        .load(&VolumeKey::new(pair().to_string(), "disk"))
+        .unwrap()
+        .into_previous()
+        .unwrap();
+    let write = |offset: u64, rng: &mut rand::rngs::StdRng| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        let mut data = [0u8; 4096];
+        rng.fill(&mut data[..]);
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&data).unwrap();
+    };
+    let tracked = |generation: u64, digest: [u8; 32], extents: Vec<(u64, u64)>| {
+        let mut v = volumes(&tree, &image);
+        v[1].changed = Some(ChangedBlocks::Known {
+            base_generation: generation,
+            base_digest: digest,
+            extents,
+        });
+        v
+    };
+
+    // The right base: only the two written blocks are read.
+    write(4096 * 10, &mut rng);
+    write(4096 * 3000, &mut rng);
+    let extents = vec![(4096 * 10, 4096), (4096 * 3000, 4096)];
+    let report = ship(
+        &mut rpc,
+        &hashes,
+        &request(2, 1),
+        tracked(1, base.digest().0, extents),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let disk = &report.volumes["disk"];
+    assert_eq!(disk.read_mode, ReadMode::ChangedBlocks);
+    assert_eq!(disk.bytes_scanned - disk.bytes_unread, 2 * 4096, "{disk:?}");
+    let g2 = dest.replicas.generation_path(&pair(), 2, "disk");
+    assert_eq!(checksum(&g2), checksum(&image));
+
+    // Ranges against another index of generation 2: refused, read whole, still exact.
+    write(4096 * 20, &mut rng);
+    let report = ship(
+        &mut rpc,
+        &hashes,
+        &request(3, 1),
+        tracked(2, [7; 32], vec![]),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let disk = &report.volumes["disk"];
+    assert!(
+        matches!(&disk.read_mode, ReadMode::FullScan(r) if r.code == "base_mismatch"),
+        "{:?}",
+        disk.read_mode
+    );
+    assert_eq!(disk.bytes_unread, 0);
+    let g3 = dest.replicas.generation_path(&pair(), 3, "disk");
+    assert_eq!(checksum(&g3), checksum(&image));
+
+    // Resized since the base: read whole, saying so.
+    let base = hashes
+        .load(&VolumeKey::new(pair().to_string(), "disk"))
+        .unwrap()
+        .into_previous()
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(IMAGE_BYTES * 2)
+        .unwrap();
+    write(IMAGE_BYTES + 4096, &mut rng);
+    let report = ship(
+        &mut rpc,
+        &hashes,
+        &request(4, 1),
+        tracked(3, base.digest().0, vec![(IMAGE_BYTES + 4096, 4096)]),
+        &Faults::default(),
+    )
+    .await
+    .unwrap();
+    let disk = &report.volumes["disk"];
+    assert!(
+        matches!(&disk.read_mode, ReadMode::FullScan(r) if r.code == "resized"),
+        "{:?}",
+        disk.read_mode
+    );
+    let g4 = dest.replicas.generation_path(&pair(), 4, "disk");
+    assert_eq!(checksum(&g4), checksum(&image));
+    dest.stop().await;
+}

@@ -237,6 +237,23 @@ fn source_labels(pair: &PairKey, generation: u64, volume: &str) -> BTreeMap<Stri
     ])
 }
 
+/// Deletes every source snapshot of `pair` (the changed block tracking bases): this site no
+/// longer ships the pair. Best effort: a failure is logged, and the next commit or the pair's
+/// deletion sweeps again.
+pub async fn drop_bases(client: &Client, pair: &PairKey) {
+    let selector = format!("{PAIR_LABEL}={},{ROLE_LABEL}=source", pair.name);
+    match list_snapshots(client, &pair.namespace, &selector).await {
+        Ok(list) => {
+            for (name, _) in list {
+                if let Err(e) = delete_snapshot(client, &pair.namespace, &name).await {
+                    tracing::warn!(error = %e, "deleting a base snapshot");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "listing base snapshots"),
+    }
+}
+
 /// The source VolumeSnapshot of `claim` at `generation`: `ferry-<pair>-<claim>-g<N>-src`.
 pub fn snapshot_name(pair: &PairKey, claim: &str, generation: u64) -> String {
     format!("ferry-{}-{claim}-g{generation}-src", pair.name)

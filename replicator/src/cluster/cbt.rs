@@ -74,6 +74,18 @@ fn unknown(code: &'static str, message: String) -> ChangedBlocks {
     ChangedBlocks::Unknown(FullScanReason { code, message })
 }
 
+/// The base of a changed block tracking query: this site's source VolumeSnapshot of an
+/// earlier generation, and the digest of its index of that generation.
+#[derive(Clone, Copy, Debug)]
+pub struct Base<'a> {
+    /// The VolumeSnapshot's name.
+    pub snapshot: &'a str,
+    /// Its generation.
+    pub generation: u64,
+    /// [`crate::delta::BlockIndex::digest`] of this site's index of it.
+    pub digest: [u8; 32],
+}
+
 /// What [`changed_blocks`] found: the answer, and whether the driver serves changed block
 /// tracking at all (then the new snapshot is kept as the next sync's base).
 #[derive(Debug)]
@@ -144,14 +156,14 @@ async fn token(client: &Client, audience: &str) -> Result<String, String> {
 }
 
 /// Asks the CSI driver which byte ranges of `target` (a ready VolumeSnapshot in `namespace`)
-/// differ from `base`: `(VolumeSnapshot name, its generation)`, or `None` when the volume has
+/// differ from `base` (this site's snapshot and index of an earlier generation), or `None` when the volume has
 /// no committed generation yet (then only whether the driver serves changed block tracking is
 /// found out). Never fails: every problem becomes [`ChangedBlocks::Unknown`] naming the
 /// object or step.
 pub async fn changed_blocks(
     client: &Client,
     namespace: &str,
-    base: Option<(&str, u64)>,
+    base: Option<Base<'_>>,
     target: &str,
 ) -> Answer {
     let no_service = |changed| Answer {
@@ -187,7 +199,12 @@ pub async fn changed_blocks(
         changed,
         service: true,
     };
-    let Some((base, base_generation)) = base else {
+    let Some(Base {
+        snapshot: base,
+        generation: base_generation,
+        digest: base_digest,
+    }) = base
+    else {
         return with_service(unknown(
             "no_base",
             format!("{target} is the volume's first generation: nothing to compare with"),
@@ -232,6 +249,7 @@ pub async fn changed_blocks(
     match query(address, ca, request).await {
         Ok(extents) => with_service(ChangedBlocks::Known {
             base_generation,
+            base_digest,
             extents,
         }),
         Err((code, e)) => with_service(unknown(

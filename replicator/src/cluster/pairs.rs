@@ -160,20 +160,36 @@ pub(super) async fn sync_once(
             .load(&VolumeKey::new(key.to_string(), claim.clone()))
             .ok()
             .and_then(|loaded| loaded.into_previous())
-            .map(|index| index.generation.0);
-        let base_name = base.map(|g| (snapshot_name(key, &claim, g), g));
+            .map(|index| (index.generation.0, index.digest().0));
+        let base_name = base.map(|(g, _)| snapshot_name(key, &claim, g));
         let target = snapshot_name(key, &claim, generation);
         let answer = super::cbt::changed_blocks(
             &ctx.client,
             &key.namespace,
-            base_name.as_ref().map(|(name, g)| (name.as_str(), *g)),
+            base.zip(base_name.as_deref())
+                .map(|((generation, digest), snapshot)| super::cbt::Base {
+                    snapshot,
+                    generation,
+                    digest,
+                }),
             &target,
         )
         .await;
         if answer.service {
             captured.cleanup.keep_as_base(target);
         }
-        volume.changed = Some(answer.changed);
+        // A driver that under-reports would go unnoticed (the destination verifies what it
+        // was sent): every spec.fullScanEvery-th generation reads Block volumes whole too.
+        volume.changed = Some(if valid.quick_check(generation) {
+            answer.changed
+        } else {
+            crate::source::ChangedBlocks::Unknown(crate::source::FullScanReason {
+                code: "scheduled",
+                message: format!(
+                    "generation {generation} is a full-scan generation (spec.fullScanEvery)"
+                ),
+            })
+        });
     }
     let pair_json = serde_json::to_vec(&json!({
         "metadata": {"name": key.name, "namespace": key.namespace, "labels": pair.metadata.labels},

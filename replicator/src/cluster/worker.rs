@@ -182,6 +182,7 @@ impl Worker {
             .unwrap_or_else(|| pair.spec.primary_site.clone());
         if active != self.ctx.site {
             tracing::info!(pair = %self.key, active, "pair is no longer active here; stop shipping");
+            super::capture::drop_bases(&self.ctx.client, &self.key).await;
             super::deletion::release_copy(&self.ctx, &pair, &self.key).await;
             return Err(Next::Stop);
         }
@@ -721,15 +722,19 @@ impl Worker {
                 format!("changed block tracking: {}", read.join("; ")),
             ));
         }
-        let mut message = whole.join("; ");
+        let reasons = whole.join("; ");
+        let mut message = reasons.clone();
         if !read.is_empty() {
             message.push_str(&format!("; changed block tracking: {}", read.join("; ")));
         }
-        // An Event when the reason is new, not on every sync of a driver without the service.
+        // An Event when the reasons are new, not on every sync of a driver without the service
+        // (the tracked volumes' byte counts change every sync).
         let reported = pair.status.as_ref().is_some_and(|s| {
             T::ChangedBlockTracking
                 .find(&s.conditions)
-                .is_some_and(|c| c.message == message)
+                .is_some_and(|c| {
+                    c.message == reasons || c.message.starts_with(&format!("{reasons}; "))
+                })
         });
         if !reported {
             self.ctx

@@ -295,8 +295,10 @@ pub enum ChangedScanError {
 /// from the image `previous` describes, as a CSI driver's changed block tracking reports them
 /// (KEP-3314 `GetMetadataDelta`). Each range is widened to whole blocks and hashed; every
 /// other block keeps its hash from `previous`. The result equals [`scan`]'s as long as the
-/// driver's list is complete, which is the driver's promise; the destination's verification
-/// of the digest catches a driver that breaks it.
+/// driver's list is complete, which is the driver's promise. Nothing downstream can catch a
+/// driver that under-reports (the destination verifies what it was sent, which is the base
+/// plus these ranges), so the replicator reads volumes whole every `spec.fullScanEvery`
+/// generations.
 ///
 /// # Errors
 /// [`ChangedScanError::Unusable`] when `previous` is not an image index of the same size and
@@ -320,17 +322,16 @@ pub fn scan_changed(
             options.block_size.bytes()
         ));
     }
-    let file = File::open(path).map_err(|source| ScanError::Open {
+    let mut file = File::open(path).map_err(|source| ScanError::Open {
         path: path.to_path_buf(),
         source,
     })?;
-    let size = file
-        .metadata()
-        .map_err(|source| ScanError::Open {
+    // The end, not the metadata's length: a block device's metadata says 0.
+    let size =
+        io::Seek::seek(&mut file, io::SeekFrom::End(0)).map_err(|source| ScanError::Open {
             path: path.to_path_buf(),
             source,
-        })?
-        .len();
+        })?;
     if size != base.size_bytes {
         return unusable(format!(
             "the volume is {size} bytes, its base generation {} was {} (resized)",

@@ -69,6 +69,10 @@ pub enum ChangedBlocks {
     Known {
         /// The generation whose source snapshot was the base.
         base_generation: u64,
+        /// Digest of this site's index of that generation (its hash store's), which the
+        /// ranges apply to: a delta planned against any other index (the destination's scan
+        /// of a diverged seed of the same number, say) must not use them.
+        base_digest: [u8; 32],
         /// Changed byte ranges, ascending.
         extents: Vec<(u64, u64)>,
     },
@@ -80,7 +84,7 @@ pub enum ChangedBlocks {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FullScanReason {
     /// Short, stable code for metrics: `no_service`, `no_base`, `unauthorised`, `error`,
-    /// `resized`, `base_mismatch`.
+    /// `resized`, `base_mismatch`, `scheduled` (a `spec.fullScanEvery` generation).
     pub code: &'static str,
     /// What happened, naming the object (for the DRPair status and the Event).
     pub message: String,
@@ -565,16 +569,20 @@ async fn ship_volume(
         match answer {
             ChangedBlocks::Known {
                 base_generation,
+                base_digest,
                 extents,
-            } if base_generation == base.generation.0 => changed = Some(extents),
+            } if base_generation == base.generation.0 && base_digest == base.digest().0 => {
+                changed = Some(extents)
+            }
             ChangedBlocks::Known {
                 base_generation, ..
             } => {
                 read_mode = ReadMode::FullScan(FullScanReason {
                     code: "base_mismatch",
                     message: format!(
-                        "changed blocks were reported against generation {base_generation}, \
-                         the destination's base is generation {}",
+                        "changed blocks were reported against this site's generation \
+                         {base_generation}; the delta's base is the destination's generation {} \
+                         (another index: a diverged seed, or a generation this site did not ship)",
                         base.generation.0
                     ),
                 })

@@ -27,6 +27,10 @@ use super::{json_response, verbs, ApiState};
 const DEFAULT_EXPIRATION: Duration = Duration::from_secs(3600);
 /// Shortest lifetime a TokenRequest may ask for (kube-apiserver's validation).
 const MIN_EXPIRATION_SECONDS: i64 = 600;
+/// Longest lifetime a TokenRequest may ask for (kube-apiserver's validation: 2^32 seconds).
+const MAX_EXPIRATION_SECONDS: i64 = 1 << 32;
+/// The API server's own audience, which a TokenReview without audiences checks for.
+const API_AUDIENCE: &str = "https://kubernetes.default.svc";
 
 /// A token the server issued: whose, for which audiences, until when.
 #[derive(Clone, Debug)]
@@ -144,13 +148,18 @@ fn request_token(
             "spec.expirationSeconds: may not specify a duration less than {MIN_EXPIRATION_SECONDS} seconds"
         )));
     }
+    if seconds > MAX_EXPIRATION_SECONDS {
+        return Err(ApiError::bad_request(format!(
+            "spec.expirationSeconds: may not specify a duration larger than {MAX_EXPIRATION_SECONDS} seconds"
+        )));
+    }
     // No audience: the API server's own, as kube-apiserver's default.
     let audiences: Vec<String> = match spec["audiences"].as_array() {
         Some(list) if !list.is_empty() => list
             .iter()
             .filter_map(|a| a.as_str().map(String::from))
             .collect(),
-        _ => vec!["https://kubernetes.default.svc".to_string()],
+        _ => vec![API_AUDIENCE.to_string()],
     };
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -181,7 +190,8 @@ fn request_token(
 
 fn review(state: &ApiState, mut request: Value) -> Value {
     let token = request["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> = request["spec"]["audiences"]
+    // No audiences asked for: the API server's own, as kube-apiserver reviews.
+    let mut wanted: Vec<String> = request["spec"]["audiences"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -189,6 +199,9 @@ fn review(state: &ApiState, mut request: Value) -> Value {
                 .collect()
         })
         .unwrap_or_default();
+    if wanted.is_empty() {
+        wanted.push(API_AUDIENCE.to_string());
+    }
     let issued = state
         .tokens
         .0
@@ -202,12 +215,9 @@ fn review(state: &ApiState, mut request: Value) -> Value {
             json!({"authenticated": false, "error": "token has expired"})
         }
         Some(t) => {
-            // With audiences asked for, the token must carry one of them (TokenReview spec).
-            let audiences: Vec<&String> = if wanted.is_empty() {
-                t.audiences.iter().collect()
-            } else {
-                t.audiences.iter().filter(|a| wanted.contains(a)).collect()
-            };
+            // The token must carry one of the audiences asked for (TokenReview spec).
+            let audiences: Vec<&String> =
+                t.audiences.iter().filter(|a| wanted.contains(a)).collect();
             if audiences.is_empty() {
                 json!({"authenticated": false, "error": "token audiences do not match the requested audiences"})
             } else {
