@@ -6,7 +6,8 @@
 //! ([`quorum`]) it also holds each active pair's lease, mirrors it in a site-local Lease
 //! ([`lease`]) that the app's `ferry-gate` init container waits for ([`gate`]), fences this
 //! site when the lease is lost, and carries out failovers the quorum decides or a person
-//! requests ([`takeover`]). Every reconcile shares a [`context::Context`] and fails with a
+//! requests ([`takeover`]). At a pair's DR site it runs DR drills ([`drill`]): a generation
+//! restored into a sandbox namespace, verified, timed and cleaned up. Every reconcile shares a [`context::Context`] and fails with a
 //! typed [`context::ReconcileError`].
 //!
 //! Data flows one way: the replicator produces committed generations (VolumeSnapshots and a
@@ -15,6 +16,7 @@
 
 pub mod cli;
 pub mod context;
+pub mod drill;
 pub mod gate;
 pub mod instantiate;
 pub mod lease;

@@ -54,7 +54,7 @@ pub use capture::{
 };
 pub use object::ObjectKey;
 pub use order::{instantiation_order, Wave};
-pub use plan::{plan_instantiation, Instantiation};
+pub use plan::{plan_instantiation, Instantiation, DRILL_LABEL};
 pub use sanitise::{
     sanitise, DROPPED_ANNOTATIONS, DROPPED_PVC_ANNOTATIONS, JOB_CONTROLLER_UID_LABELS,
     SERVER_METADATA_FIELDS,

@@ -1,6 +1,6 @@
 //! The one instantiation pipeline: what is applied at a site to stand an app up from a
 //! generation's manifests, whatever the reason (a warm standby after each commit, a planned
-//! migration, a failover; drills and restores to come).
+//! migration, a failover, a drill's sandbox; restores to come).
 //!
 //! Pure: manifests in, creation waves out. Reading the manifests and applying the waves
 //! ([`crate::apply_object`]) are the caller's I/O.
@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::{instantiation_order, standby, transform, TransformError};
 
 /// What an instantiation stands up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Instantiation {
     /// The app itself, from `generation`: every PVC is created from the generation's
     /// VolumeSnapshot (`dataSource`, named by [`generation_snapshot`]), workloads at the
@@ -25,7 +25,22 @@ pub enum Instantiation {
     /// kept in `ferry.dev/original-replicas`), CronJobs and Jobs suspended, PVCs left out (a
     /// migration or failover creates them from the chosen generation's snapshots).
     Standby,
+    /// A drill's sandbox: as [`Instantiation::Run`], shaped so that it cannot act as the
+    /// production app: every object labelled `ferry.dev/drill: <drill>`, CronJobs suspended
+    /// (a drill must not run the app's batch work twice), Services of type `LoadBalancer` or
+    /// `NodePort` made `ClusterIP` (no second external address), and Namespaces and Ingresses
+    /// left out (the sandbox has its own namespace; an Ingress host would collide with
+    /// production's).
+    Drill {
+        /// The committed generation.
+        generation: u64,
+        /// The `ferry.dev/drill` label value (the DRDrill's uid).
+        drill: String,
+    },
 }
+
+/// Label on every object of a drill's sandbox, valued with the DRDrill's uid.
+pub const DRILL_LABEL: &str = "ferry.dev/drill";
 
 /// The objects to apply for `pair` in `namespace`, in creation waves (namespaces and CRDs
 /// first, workloads last; [`instantiation_order`]): `objects` (a generation's manifests)
@@ -52,11 +67,61 @@ pub fn plan_instantiation(
                 restore_from_snapshot(object, pair, generation);
             }
         }
+        Instantiation::Drill { generation, drill } => {
+            let left_out = |o: &Value| {
+                (o["kind"] == "Namespace" && o["apiVersion"] == "v1")
+                    || (o["kind"] == "Ingress" && o["apiVersion"] == "networking.k8s.io/v1")
+            };
+            objects.retain(|o| !left_out(o));
+            for object in &mut objects {
+                if is_claim(object) {
+                    restore_from_snapshot(object, pair, generation);
+                }
+                sandbox(object, &drill);
+            }
+        }
     }
     for object in &mut objects {
         object["metadata"]["namespace"] = json!(namespace);
     }
     Ok(instantiation_order(objects))
+}
+
+/// A drill's changes to one object (see [`Instantiation::Drill`]).
+fn sandbox(object: &mut Value, drill: &str) {
+    object["metadata"]["labels"][DRILL_LABEL] = json!(drill);
+    if object["kind"] == "CronJob" && object["apiVersion"] == "batch/v1" {
+        object["spec"]["suspend"] = json!(true);
+    }
+    if object["kind"] == "Service" && object["apiVersion"] == "v1" {
+        let external = matches!(
+            object["spec"]["type"].as_str(),
+            Some("LoadBalancer" | "NodePort")
+        );
+        if external {
+            object["spec"]["type"] = json!("ClusterIP");
+            if let Some(spec) = object["spec"].as_object_mut() {
+                for field in [
+                    "loadBalancerIP",
+                    "loadBalancerSourceRanges",
+                    "externalTrafficPolicy",
+                    "healthCheckNodePort",
+                    "allocateLoadBalancerNodePorts",
+                    "loadBalancerClass",
+                ] {
+                    spec.remove(field);
+                }
+            }
+            if let Some(ports) = object["spec"]["ports"].as_array_mut() {
+                for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+                    port.remove("nodePort");
+                }
+            }
+        }
+        if let Some(spec) = object["spec"].as_object_mut() {
+            spec.remove("externalIPs");
+        }
+    }
 }
 
 fn is_claim(object: &Value) -> bool {
@@ -119,6 +184,52 @@ mod tests {
         assert!(objects.iter().all(|o| o["metadata"]["namespace"] == "shop"));
         let web = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
         assert_eq!(web["spec"]["replicas"], 3);
+    }
+
+    #[test]
+    fn a_drill_sandbox_cannot_act_as_production() {
+        let mut objects = app();
+        objects
+            .push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
+        objects.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web"},
+                            "spec": {"rules": [{"host": "shop.example.com"}]}}));
+        objects.push(
+            json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
+                            "spec": {"schedule": "0 2 * * *"}}),
+        );
+        objects.push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                            "spec": {"type": "LoadBalancer", "loadBalancerIP": "1.2.3.4", "externalIPs": ["5.6.7.8"],
+                                     "ports": [{"port": 80, "nodePort": 30080}]}}));
+        let waves = plan_instantiation(
+            objects,
+            "ledger",
+            "shop-drill-1",
+            &Transform::default(),
+            Instantiation::Drill {
+                generation: 7,
+                drill: "uid-1".into(),
+            },
+        )
+        .unwrap();
+        let objects = flat(waves);
+        let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert!(
+            !kinds.contains(&"Namespace") && !kinds.contains(&"Ingress"),
+            "{kinds:?}"
+        );
+        assert!(objects
+            .iter()
+            .all(|o| o["metadata"]["labels"][DRILL_LABEL] == "uid-1"
+                && o["metadata"]["namespace"] == "shop-drill-1"));
+        let claim = objects.iter().find(|o| is_claim(o)).unwrap();
+        assert_eq!(claim["spec"]["dataSource"]["name"], "ferry-ledger-data-g7");
+        let cron = objects.iter().find(|o| o["kind"] == "CronJob").unwrap();
+        assert_eq!(cron["spec"]["suspend"], true);
+        let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
+        assert_eq!(service["spec"]["type"], "ClusterIP");
+        assert!(service["spec"].get("loadBalancerIP").is_none());
+        assert!(service["spec"].get("externalIPs").is_none());
+        assert!(service["spec"]["ports"][0].get("nodePort").is_none());
     }
 
     #[test]

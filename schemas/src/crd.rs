@@ -3,16 +3,16 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{DRPair, Migration, Site};
+use crate::{DRDrill, DRPair, Migration, Site};
 
 /// First line of every rendered CRD file.
 pub const GENERATED_HEADER: &str =
     "# Generated from ferry-schemas by `cargo run -p ferry-schemas --bin crdgen`. Do not edit.\n";
 
-/// Every Ferry CRD, in a fixed order (Site, DRPair, Migration).
+/// Every Ferry CRD, in a fixed order (Site, DRPair, Migration, DRDrill).
 #[must_use]
 pub fn all_crds() -> Vec<CustomResourceDefinition> {
-    vec![Site::crd(), DRPair::crd(), Migration::crd()]
+    vec![Site::crd(), DRPair::crd(), Migration::crd(), DRDrill::crd()]
 }
 
 /// Renders one CRD as a YAML document, preceded by [`GENERATED_HEADER`].

@@ -45,6 +45,13 @@ pub const DEFAULT_RETAIN_GENERATIONS: u32 = 3;
     printcolumn(name = "Last-Sync", type_ = "date", json_path = ".status.lastSyncTime"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
+        name = "Last-Drill",
+        type_ = "string",
+        json_path = ".status.lastDrill.result",
+        priority = 1,
+        description = "Result of the pair's last DRDrill at this site"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -454,6 +461,9 @@ pub struct DRPairStatus {
     /// sync) sets a new annotation value and waits for it to appear here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_sync_request: Option<String>,
+    /// At the DR site: the pair's last DRDrill there and its result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<crate::drill::LastDrill>,
     /// Conditions keyed by type: Synced, PeerReachable, RPOMet, Ready,
     /// FailoverBlocked, WitnessQuorumLost, at a warm standby StandbyApplied and, at the
     /// source of a pair with Block volumes, ChangedBlockTracking.

@@ -4,7 +4,7 @@
 //! This crate's one job is to define what the replicator, the failover
 //! controller and the witness say to each other and to users:
 //!
-//! - [`Site`], [`DRPair`] and [`Migration`], with `kube`'s `CustomResource`
+//! - [`Site`], [`DRPair`], [`Migration`] and [`DRDrill`], with `kube`'s `CustomResource`
 //!   derive and `schemars` schemas that are structural (every field typed, no
 //!   untyped `oneOf`/`anyOf`), so the generated CRDs install as they are;
 //! - enums for every closed set of strings (phases, policies, modes, condition
@@ -33,6 +33,7 @@ mod wire_enum;
 pub mod conditions;
 pub mod contract;
 pub mod crd;
+pub mod drill;
 pub mod drpair;
 pub mod duration;
 #[cfg(any(test, feature = "fixtures"))]
@@ -44,6 +45,7 @@ mod schema;
 pub mod site;
 pub mod validation;
 
+pub use drill::{DRDrill, DRDrillSpec, DRDrillStatus};
 pub use drpair::{DRPair, DRPairSpec, DRPairStatus};
 pub use ids::{Epoch, Generation};
 pub use migration::{Migration, MigrationSpec, MigrationStatus};

@@ -6,7 +6,7 @@
 //! `oneOf`, `anyOf`, `allOf` or `not` (Ferry never needs them);
 //! `additionalProperties` never beside `properties`; list-map keys required.
 
-use ferry_schemas::{DRPair, Migration, Site};
+use ferry_schemas::{DRDrill, DRPair, Migration, Site};
 use kube::CustomResourceExt;
 use serde_json::Value;
 
@@ -104,7 +104,7 @@ type Expected<'a> = (Value, &'a str, &'a str, Option<&'a str>, &'a [&'a str]);
 
 #[test]
 fn crds_have_the_agreed_names_columns_and_subresources() {
-    let cases: [Expected; 3] = [
+    let cases: [Expected; 4] = [
         (
             serde_json::to_value(Site::crd()).unwrap(),
             "sites.ferry.dev",
@@ -128,6 +128,7 @@ fn crds_have_the_agreed_names_columns_and_subresources() {
                 "LAG=.status.currentLagSeconds:number",
                 "LAST-SYNC=.status.lastSyncTime:date",
                 "PHASE=.status.phase:string",
+                "LAST-DRILL=.status.lastDrill.result:string",
                 "AGE=.metadata.creationTimestamp:date",
             ],
         ),
@@ -143,6 +144,20 @@ fn crds_have_the_agreed_names_columns_and_subresources() {
                 "PHASE=.status.phase:string",
                 "RTO=.status.rtoSeconds:number",
                 "DATA-LOSS=.status.dataLossSeconds:number",
+                "AGE=.metadata.creationTimestamp:date",
+            ],
+        ),
+        (
+            serde_json::to_value(DRDrill::crd()).unwrap(),
+            "drdrills.ferry.dev",
+            "Namespaced",
+            Some("drill"),
+            &[
+                "PAIR=.spec.pair:string",
+                "GENERATION=.status.generation:integer",
+                "PHASE=.status.phase:string",
+                "RTO=.status.rtoSeconds:number",
+                "DATA-AGE=.status.dataAgeSeconds:number",
                 "AGE=.metadata.creationTimestamp:date",
             ],
         ),

@@ -28,7 +28,7 @@ pub const REPLICATION_PORT: u16 = crate::links::REPLICATION_PORT;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// `deploy/` files in the order `deploy/kustomization.yaml` lists them, embedded.
-pub const DEPLOY_FILES: [(&str, &str); 7] = [
+pub const DEPLOY_FILES: [(&str, &str); 8] = [
     (
         "helm/ferry/crds/sites.ferry.dev.yaml",
         include_str!("../../../deploy/helm/ferry/crds/sites.ferry.dev.yaml"),
@@ -40,6 +40,10 @@ pub const DEPLOY_FILES: [(&str, &str); 7] = [
     (
         "helm/ferry/crds/migrations.ferry.dev.yaml",
         include_str!("../../../deploy/helm/ferry/crds/migrations.ferry.dev.yaml"),
+    ),
+    (
+        "helm/ferry/crds/drdrills.ferry.dev.yaml",
+        include_str!("../../../deploy/helm/ferry/crds/drdrills.ferry.dev.yaml"),
     ),
     (
         "base/namespace.yaml",

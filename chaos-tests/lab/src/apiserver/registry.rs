@@ -296,6 +296,16 @@ const BUILT_INS: &[BuiltIn] = &[
         false,
     ),
     (
+        "networking.k8s.io",
+        "v1",
+        "networkpolicies",
+        "NetworkPolicy",
+        true,
+        &["netpol"],
+        false,
+        false,
+    ),
+    (
         "events.k8s.io",
         "v1",
         "events",

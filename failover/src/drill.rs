@@ -1,0 +1,687 @@
+//! The DRDrill controller: proves at a pair's DR site that a committed generation recovers,
+//! without touching production or pausing replication (Zerto's test failover is the model).
+//!
+//! Pending → Restoring → Verifying → Passed or Failed → CleanedUp, one idempotent step per
+//! reconcile, recorded in the DRDrill's status first:
+//!
+//! - **Pending**: checks the drill (its DRPair exists here and is not active here, the
+//!   generation is held here, the TTL parses, the sandbox namespace is free), then records the
+//!   generation, the sandbox namespace, the start time and the data age.
+//! - **Restoring**: creates the sandbox namespace and a NetworkPolicy that denies all ingress
+//!   and all egress but DNS; for each of the generation's VolumeSnapshots a pre-provisioned
+//!   VolumeSnapshotContent (`deletionPolicy: Retain`) on the same snapshot handle, bound to a
+//!   VolumeSnapshot of the same name in the sandbox, so the app's PVCs are new volumes cloned
+//!   from the generation, never the committed snapshots or the staging volumes themselves (a
+//!   PVC's `dataSource` must be in its own namespace); then the generation's manifests,
+//!   planned by the one instantiation pipeline as a drill (`Instantiation::Drill`: labelled,
+//!   CronJobs suspended, no external Service addresses, no Ingress), applied in order; waits
+//!   until every workload is ready (at most [`READY_TIMEOUT`]), which gives `rtoSeconds`.
+//! - **Verifying**: runs `spec.verify.command` in the first running pod of the sandbox
+//!   (`pods/exec`); its exit status is the verdict, its output tail is kept.
+//! - **Passed / Failed**: the DRPair's `status.lastDrill` here records it, and an Event; after
+//!   `spec.ttl` the sandbox namespace goes, then the drill's VolumeSnapshotContents (the
+//!   snapshot data stays: it is the committed generation), and the phase is `CleanedUp`.
+//!   Deleting the DRDrill cleans up the same way first (finalizer `ferry.dev/drill-cleanup`).
+//!
+//! The active site is never contacted, the witness quorum is not asked and the pair's epoch is
+//! not touched: replication goes on while the drill runs. Note that the lab does not enforce
+//! NetworkPolicy (`docs/lab.md`); a cluster whose network plugin does, isolates the sandbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use kube::api::{
+    ApiResource, AttachParams, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams,
+};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+
+use ferry_manifests::{plan_instantiation, Instantiation, ManifestBundle, DRILL_LABEL};
+use ferry_runtime::finalizer;
+use ferry_schemas::contract::{manifests_secret, MANIFESTS_KEY};
+use ferry_schemas::drill::DrillPhase as P;
+use ferry_schemas::{DRDrill, DRPair};
+
+use crate::context::{Context, ReconcileError};
+use crate::instantiate::{self, MANAGER};
+use crate::migration::{now, seconds_since};
+
+/// Finalizer that holds a DRDrill until its sandbox is gone.
+pub const DRILL_FINALIZER: &str = "ferry.dev/drill-cleanup";
+/// How long the restored app may take to become ready before the drill fails.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the sandbox stays after the verdict when `spec.ttl` is absent.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// How often a step that waits on the cluster looks again.
+const POLL: Duration = Duration::from_secs(1);
+/// Characters of the verification output kept in the status.
+const OUTPUT_TAIL_CHARS: usize = 2000;
+
+fn snapshots_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+        "volumesnapshots",
+    )
+}
+
+fn contents_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+        "volumesnapshotcontents",
+    )
+}
+
+/// Runs the controller for DRDrills at this site until the stream ends.
+pub async fn run(ctx: Arc<Context>) {
+    let drills: Api<DRDrill> = Api::all(ctx.client.clone());
+    Controller::new(drills, watcher::Config::default())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "drill reconcile");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_d: Arc<DRDrill>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "drill step failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// One reconcile's view of a drill.
+struct Drill<'a> {
+    ctx: &'a Context,
+    drill: &'a DRDrill,
+    api: Api<DRDrill>,
+    namespace: String,
+    uid: String,
+}
+
+impl Drill<'_> {
+    async fn status(&self, status: Value) -> Result<(), ReconcileError> {
+        self.api
+            .patch_status(
+                &self.drill.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "status": status })),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn event(&self, warning: bool, reason: &str, note: String) {
+        let recorder = Recorder::new(
+            self.ctx.client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: Some(self.ctx.site.clone()),
+            },
+        );
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Drill".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &self.drill.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "publishing a drill Event failed");
+        }
+    }
+
+    /// Ends the drill as Failed: the condition names the cause, the DRPair records it.
+    async fn fail(&self, reason: &str, message: String) -> Result<Action, ReconcileError> {
+        tracing::warn!(drill = %self.drill.name_any(), %message, "drill failed");
+        let condition = json!({"type": "Succeeded", "status": "False", "reason": reason,
+            "message": message, "lastTransitionTime": now(), "observedGeneration": self.drill.metadata.generation});
+        self.status(json!({"phase": P::Failed.as_str(), "completionTime": now(), "conditions": [condition]}))
+            .await?;
+        self.event(true, "DrillFailed", message).await;
+        self.record_on_pair("Failed", None).await;
+        Ok(Action::requeue(POLL))
+    }
+
+    /// `status.lastDrill` of the DRPair at this site. Best effort: the drill's own status is
+    /// the record.
+    async fn record_on_pair(&self, result: &str, rto_seconds: Option<f64>) {
+        let pairs: Api<DRPair> = Api::namespaced(self.ctx.client.clone(), &self.namespace);
+        let patch = json!({"status": {"lastDrill": {"name": self.drill.name_any(), "time": now(),
+            "result": result, "rtoSeconds": rto_seconds}}});
+        if let Err(e) = pairs
+            .patch_status(
+                &self.drill.spec.pair,
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "recording the drill on the DRPair");
+        }
+    }
+
+    fn sandbox(&self) -> String {
+        self.drill
+            .status
+            .as_ref()
+            .and_then(|s| s.target_namespace.clone())
+            .or_else(|| self.drill.spec.target_namespace.clone())
+            .unwrap_or_else(|| {
+                format!(
+                    "{}-drill-{}",
+                    self.namespace,
+                    &self.uid[..self.uid.len().min(8)]
+                )
+            })
+    }
+
+    fn ttl(&self) -> Result<Duration, String> {
+        match &self.drill.spec.ttl {
+            None => Ok(DEFAULT_TTL),
+            Some(text) => {
+                ferry_schemas::duration::parse_duration(text).map_err(|e| format!("spec.ttl: {e}"))
+            }
+        }
+    }
+}
+
+async fn reconcile(drill: Arc<DRDrill>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let namespace = drill.namespace().unwrap_or_default();
+    let d = Drill {
+        ctx: &ctx,
+        drill: &drill,
+        api: Api::namespaced(ctx.client.clone(), &namespace),
+        uid: drill.uid().unwrap_or_default(),
+        namespace,
+    };
+    if drill.metadata.deletion_timestamp.is_some() {
+        if finalizer::has(&*drill, DRILL_FINALIZER) {
+            if !cleanup(&d).await? {
+                return Ok(Action::requeue(POLL));
+            }
+            finalizer::remove(&d.api, &*drill, DRILL_FINALIZER).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let phase = drill.status.as_ref().and_then(|s| s.phase);
+    match phase {
+        None | Some(P::Pending) => start(&d).await,
+        Some(P::Restoring) => restore(&d).await,
+        Some(P::Verifying) => verify(&d).await,
+        Some(P::Passed) | Some(P::Failed) => expire(&d).await,
+        Some(P::CleanedUp) => Ok(Action::await_change()),
+    }
+}
+
+/// Pending: checks everything a restore needs, then records what the drill will do.
+async fn start(d: &Drill<'_>) -> Result<Action, ReconcileError> {
+    finalizer::add(&d.api, d.drill, DRILL_FINALIZER).await?;
+    let spec = &d.drill.spec;
+    let pairs: Api<DRPair> = Api::namespaced(d.ctx.client.clone(), &d.namespace);
+    let Some(pair) = pairs.get_opt(&spec.pair).await? else {
+        return d
+            .fail(
+                "PairNotFound",
+                format!(
+                    "spec.pair: DRPair {}/{} does not exist at site {}",
+                    d.namespace, spec.pair, d.ctx.site
+                ),
+            )
+            .await;
+    };
+    let status = pair.status.clone().unwrap_or_default();
+    let active = status
+        .active_site
+        .clone()
+        .unwrap_or_else(|| pair.spec.primary_site.clone());
+    if active == d.ctx.site {
+        return d
+            .fail(
+                "ActiveSite",
+                format!(
+                    "DRPair {} is active at site {active}, this site: a drill runs at the pair's DR site (create the DRDrill there)",
+                    spec.pair
+                ),
+            )
+            .await;
+    }
+    if let Err(message) = d.ttl() {
+        return d.fail("InvalidSpec", message).await;
+    }
+    if let Some(verify) = &spec.verify {
+        if verify.container.is_some() && verify.command.is_empty() {
+            return d
+                .fail(
+                    "InvalidSpec",
+                    "spec.verify.command: required when spec.verify.container is set".into(),
+                )
+                .await;
+        }
+    }
+    let newest = status.generation.map(|g| g.0);
+    let Some(generation) = spec.generation.or(newest) else {
+        return d
+            .fail(
+                "NoGeneration",
+                format!(
+                    "no committed generation of {} at site {} yet",
+                    spec.pair, d.ctx.site
+                ),
+            )
+            .await;
+    };
+    let secret = manifests_secret(&spec.pair, generation);
+    let held = Api::<Secret>::namespaced(d.ctx.client.clone(), &d.namespace)
+        .get_opt(&secret)
+        .await?
+        .is_some();
+    if !held {
+        return d
+            .fail(
+                "GenerationNotHeld",
+                format!(
+                    "generation {generation} is not held at site {} (no Secret {}/{secret}; kept generations are in the DRPair's status here)",
+                    d.ctx.site, d.namespace
+                ),
+            )
+            .await;
+    }
+    let sandbox = d.sandbox();
+    if let Some(existing) = Api::<Namespace>::all(d.ctx.client.clone())
+        .get_opt(&sandbox)
+        .await?
+    {
+        if existing.labels().get(DRILL_LABEL) != Some(&d.uid) {
+            return d
+                .fail(
+                    "NamespaceExists",
+                    format!("spec.targetNamespace: namespace {sandbox} exists and is not this drill's sandbox"),
+                )
+                .await;
+        }
+    }
+    // The data a failover now would lose: known for the newest generation.
+    let data_age = (Some(generation) == newest)
+        .then_some(status.last_capture_time.as_ref())
+        .flatten()
+        .map(|t| (seconds_since(t) * 10.0).round() / 10.0);
+    d.status(
+        json!({"phase": P::Restoring.as_str(), "generation": generation,
+        "targetNamespace": sandbox, "startTime": now(), "dataAgeSeconds": data_age}),
+    )
+    .await?;
+    d.event(
+        false,
+        "DrillStarted",
+        format!(
+            "restoring generation {generation} of {} into namespace {sandbox}",
+            spec.pair
+        ),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// The generation's transformed manifests, planned into the sandbox as a drill.
+async fn plan(d: &Drill<'_>, pair: &DRPair, generation: u64) -> Result<Vec<Vec<Value>>, String> {
+    let secret_name = manifests_secret(&d.drill.spec.pair, generation);
+    let secret = Api::<Secret>::namespaced(d.ctx.client.clone(), &d.namespace)
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| format!("reading Secret {}/{secret_name}: {e}", d.namespace))?
+        .ok_or_else(|| format!("Secret {}/{secret_name} is gone", d.namespace))?;
+    let bytes = secret
+        .data
+        .and_then(|m| m.get(MANIFESTS_KEY).cloned())
+        .ok_or_else(|| format!("Secret {secret_name} has no {MANIFESTS_KEY}"))?;
+    let bundle = ManifestBundle::from_json_bytes(&bytes.0).map_err(|e| e.to_string())?;
+    plan_instantiation(
+        bundle.objects,
+        &d.drill.spec.pair,
+        &d.sandbox(),
+        &pair.spec.transform,
+        Instantiation::Drill {
+            generation,
+            drill: d.uid.clone(),
+        },
+    )
+    .map_err(|e| format!("spec.transform of DRPair {}: {e}", d.drill.spec.pair))
+}
+
+/// A VolumeSnapshot `name` in the sandbox, bound to a pre-provisioned content on the same
+/// snapshot handle as `name` in the pair's namespace.
+async fn clone_snapshot(d: &Drill<'_>, sandbox: &str, name: &str) -> Result<(), String> {
+    let client = &d.ctx.client;
+    let source: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &d.namespace, &snapshots_resource());
+    let vs = source
+        .get_opt(name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "VolumeSnapshot {}/{name} of the generation is gone",
+                d.namespace
+            )
+        })?;
+    let content_name = vs.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .ok_or_else(|| format!("VolumeSnapshot {}/{name} is not bound", d.namespace))?;
+    let contents: Api<DynamicObject> = Api::all_with(client.clone(), &contents_resource());
+    let content = contents
+        .get(content_name)
+        .await
+        .map_err(|e| format!("reading VolumeSnapshotContent {content_name}: {e}"))?;
+    let handle = content.data["status"]["snapshotHandle"]
+        .as_str()
+        .ok_or_else(|| format!("VolumeSnapshotContent {content_name} is not ready"))?;
+    let uid8 = &d.uid[..d.uid.len().min(8)];
+    let clone_name = format!("ferry-drill-{uid8}-{name}");
+    let labels = json!({ DRILL_LABEL: d.uid });
+    let mut spec = json!({
+        "deletionPolicy": "Retain",
+        "driver": content.data["spec"]["driver"],
+        "source": {"snapshotHandle": handle},
+        "volumeSnapshotRef": {"name": name, "namespace": sandbox},
+    });
+    for field in ["sourceVolumeMode", "volumeSnapshotClassName"] {
+        if let Some(v) = content.data["spec"].get(field) {
+            spec[field] = v.clone();
+        }
+    }
+    let clone = json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+        "metadata": {"name": clone_name, "labels": labels}, "spec": spec});
+    contents
+        .patch(
+            &clone_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&clone),
+        )
+        .await
+        .map_err(|e| format!("creating VolumeSnapshotContent {clone_name}: {e}"))?;
+    let snapshot = json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+        "metadata": {"name": name, "namespace": sandbox, "labels": labels},
+        "spec": {"source": {"volumeSnapshotContentName": clone_name}}});
+    Api::<DynamicObject>::namespaced_with(client.clone(), sandbox, &snapshots_resource())
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&snapshot),
+        )
+        .await
+        .map_err(|e| format!("creating VolumeSnapshot {sandbox}/{name}: {e}"))?;
+    Ok(())
+}
+
+/// Restoring: sandbox, isolation, cloned snapshots, manifests; then waits for readiness.
+async fn restore(d: &Drill<'_>) -> Result<Action, ReconcileError> {
+    let status = d.drill.status.clone().unwrap_or_default();
+    let (Some(generation), Some(started)) = (status.generation, status.start_time.clone()) else {
+        return Err(ReconcileError::MissingStatus {
+            field: "generation",
+            phase: "Restoring",
+        });
+    };
+    let generation = generation.0;
+    let sandbox = d.sandbox();
+    let pairs: Api<DRPair> = Api::namespaced(d.ctx.client.clone(), &d.namespace);
+    let Some(pair) = pairs.get_opt(&d.drill.spec.pair).await? else {
+        return d
+            .fail(
+                "PairNotFound",
+                format!("DRPair {} was deleted", d.drill.spec.pair),
+            )
+            .await;
+    };
+    let waves = match plan(d, &pair, generation).await {
+        Ok(waves) => waves,
+        Err(message) => return d.fail("RestoreFailed", message).await,
+    };
+    let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": sandbox, "labels": { DRILL_LABEL: d.uid }}});
+    Api::<Namespace>::all(d.ctx.client.clone())
+        .patch(
+            &sandbox,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&namespace),
+        )
+        .await?;
+    // Isolation: nothing in, nothing out but DNS.
+    let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "ferry-drill-isolation", "namespace": sandbox, "labels": { DRILL_LABEL: d.uid }},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+            "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}});
+    if let Err(e) = ferry_manifests::apply_object(&d.ctx.client, &policy, MANAGER).await {
+        return d
+            .fail(
+                "RestoreFailed",
+                format!(
+                    "NetworkPolicy {sandbox}/ferry-drill-isolation: {}",
+                    e.message
+                ),
+            )
+            .await;
+    }
+    for claim in waves
+        .iter()
+        .flatten()
+        .filter(|o| o["kind"] == "PersistentVolumeClaim")
+    {
+        if let Some(name) = claim["spec"]["dataSource"]["name"].as_str() {
+            if let Err(message) = clone_snapshot(d, &sandbox, name).await {
+                return d.fail("RestoreFailed", message).await;
+            }
+        }
+    }
+    if let Err(e) = instantiate::apply(&d.ctx.client, &waves).await {
+        return d.fail("RestoreFailed", e.to_string()).await;
+    }
+    let waiting = instantiate::not_ready(&d.ctx.client, &sandbox, &waves).await?;
+    if !waiting.is_empty() {
+        let waited = seconds_since(&started);
+        if waited > READY_TIMEOUT.as_secs_f64() {
+            return d
+                .fail(
+                    "NotReady",
+                    format!(
+                        "not ready after {}s: {}",
+                        READY_TIMEOUT.as_secs(),
+                        waiting.join(", ")
+                    ),
+                )
+                .await;
+        }
+        return Ok(Action::requeue(POLL));
+    }
+    let rto = (seconds_since(&started) * 1000.0).round() / 1000.0;
+    d.status(json!({"phase": P::Verifying.as_str(), "readyTime": now(), "rtoSeconds": rto}))
+        .await?;
+    d.event(
+        false,
+        "DrillReady",
+        format!("generation {generation} ready in namespace {sandbox} after {rto:.1}s"),
+    )
+    .await;
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// Runs `command` in `container` of the first running pod of `sandbox`: `(success, output
+/// tail)`.
+async fn run_check(
+    client: &Client,
+    sandbox: &str,
+    container: Option<&str>,
+    command: &[String],
+) -> Result<(bool, String), String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), sandbox);
+    let mut running: Vec<Pod> = pods
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("listing pods in {sandbox}: {e}"))?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .collect();
+    running.sort_by_key(|p| p.name_any());
+    let pod = running
+        .first()
+        .ok_or_else(|| format!("no running pod in namespace {sandbox} to verify in"))?;
+    let mut params = AttachParams::default().stdout(true).stderr(true);
+    if let Some(container) = container {
+        params = params.container(container);
+    }
+    let name = pod.name_any();
+    let mut process = pods
+        .exec(&name, command.to_vec(), &params)
+        .await
+        .map_err(|e| format!("exec in pod {sandbox}/{name}: {e}"))?;
+    let status = process
+        .take_status()
+        .ok_or_else(|| "the exec has no status channel".to_string())?;
+    let read = |pipe: Option<tokio::io::ReadHalf<tokio::io::SimplexStream>>| async move {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text).await;
+        }
+        text
+    };
+    // Both at once: a pipe left unread would stall the other.
+    let (out, err) = tokio::join!(read(process.stdout()), read(process.stderr()));
+    let status = status.await;
+    let _ = process.join().await;
+    let mut output = format!("{out}{err}");
+    let skip = output.chars().count().saturating_sub(OUTPUT_TAIL_CHARS);
+    output = output
+        .chars()
+        .skip(skip)
+        .collect::<String>()
+        .trim()
+        .to_string();
+    match status {
+        Some(s) if s.status.as_deref() == Some("Success") => Ok((true, output)),
+        Some(s) => {
+            let why = s.message.unwrap_or_else(|| "failed".into());
+            Ok((false, format!("{why}\n{output}").trim().to_string()))
+        }
+        None => Err("the exec stream ended without a status".into()),
+    }
+}
+
+/// Verifying: the command's verdict (or readiness alone).
+async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
+    let status = d.drill.status.clone().unwrap_or_default();
+    let sandbox = d.sandbox();
+    let command = d
+        .drill
+        .spec
+        .verify
+        .as_ref()
+        .filter(|v| !v.command.is_empty());
+    let (passed, output) = match command {
+        None => (true, None),
+        Some(v) => {
+            match run_check(&d.ctx.client, &sandbox, v.container.as_deref(), &v.command).await {
+                Ok((passed, output)) => (passed, Some(output)),
+                Err(message) => return d.fail("VerifyFailed", message).await,
+            }
+        }
+    };
+    if !passed {
+        let message = format!(
+            "spec.verify.command failed: {}",
+            output.clone().unwrap_or_default()
+        );
+        d.status(json!({"verification": output})).await?;
+        return d.fail("VerifyFailed", message).await;
+    }
+    let rto = status.rto_seconds;
+    let message = format!(
+        "generation {} of {} recovered in namespace {sandbox} in {:.1}s and verified",
+        status.generation.map(|g| g.0).unwrap_or_default(),
+        d.drill.spec.pair,
+        rto.unwrap_or_default()
+    );
+    let condition = json!({"type": "Succeeded", "status": "True", "reason": "Verified",
+        "message": message, "lastTransitionTime": now(), "observedGeneration": d.drill.metadata.generation});
+    d.status(
+        json!({"phase": P::Passed.as_str(), "completionTime": now(), "verification": output,
+        "conditions": [condition]}),
+    )
+    .await?;
+    d.event(false, "DrillPassed", message).await;
+    d.record_on_pair("Passed", rto).await;
+    Ok(Action::requeue(POLL))
+}
+
+/// Passed or Failed: cleans up once the TTL has run from the verdict.
+async fn expire(d: &Drill<'_>) -> Result<Action, ReconcileError> {
+    let ttl = d.ttl().unwrap_or(Duration::ZERO);
+    let done = d
+        .drill
+        .status
+        .as_ref()
+        .and_then(|s| s.completion_time.clone())
+        .unwrap_or_else(now);
+    let left = ttl.as_secs_f64() - seconds_since(&done);
+    if left > 0.0 {
+        return Ok(Action::requeue(Duration::from_secs_f64(left.min(3600.0))));
+    }
+    if !cleanup(d).await? {
+        return Ok(Action::requeue(POLL));
+    }
+    d.status(json!({"phase": P::CleanedUp.as_str()})).await?;
+    d.event(
+        false,
+        "DrillCleanedUp",
+        format!("namespace {} deleted", d.sandbox()),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Deletes the sandbox namespace (only if it is this drill's), then, once it is gone, the
+/// drill's VolumeSnapshotContents. `true` when nothing of the drill remains.
+async fn cleanup(d: &Drill<'_>) -> Result<bool, ReconcileError> {
+    let namespaces: Api<Namespace> = Api::all(d.ctx.client.clone());
+    let sandbox = d.sandbox();
+    if let Some(ns) = namespaces.get_opt(&sandbox).await? {
+        if ns.labels().get(DRILL_LABEL) == Some(&d.uid) {
+            if ns.metadata.deletion_timestamp.is_none() {
+                namespaces
+                    .delete(&sandbox, &DeleteParams::default())
+                    .await?;
+            }
+            return Ok(false);
+        }
+    }
+    let contents: Api<DynamicObject> = Api::all_with(d.ctx.client.clone(), &contents_resource());
+    let selector = format!("{DRILL_LABEL}={}", d.uid);
+    let left = contents
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    for content in &left.items {
+        match contents
+            .delete(&content.name_any(), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(left.items.is_empty())
+}
