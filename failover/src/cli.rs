@@ -106,6 +106,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         };
         tokio::select! {
             () = crate::drill::run(ctx.clone()) => 0,
+            () = crate::drill::run_schedule(ctx.clone()) => 0,
             () = crate::migration::run(ctx) => 0,
             () = agent => 0,
             () = ferry_runtime::shutdown_signal() => 0,

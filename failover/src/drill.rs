@@ -32,9 +32,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{
     ApiResource, AttachParams, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams,
+    PatchParams, PostParams,
 };
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -57,6 +58,8 @@ use crate::migration::{now, seconds_since};
 pub const DRILL_FINALIZER: &str = "ferry.dev/drill-cleanup";
 /// How long the restored app may take to become ready before the drill fails.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the verification command may run.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the sandbox stays after the verdict when `spec.ttl` is absent.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 /// How often a step that waits on the cluster looks again.
@@ -149,7 +152,15 @@ impl Drill<'_> {
         self.status(json!({"phase": P::Failed.as_str(), "completionTime": now(), "conditions": [condition]}))
             .await?;
         self.event(true, "DrillFailed", message).await;
-        self.record_on_pair("Failed", None).await;
+        // Only a drill that got as far as restoring is the pair's last drill here (one refused
+        // at the active site, say, is not).
+        let started = matches!(
+            self.drill.status.as_ref().and_then(|s| s.phase),
+            Some(P::Restoring | P::Verifying)
+        );
+        if started {
+            self.record_on_pair("Failed", None).await;
+        }
         Ok(Action::requeue(POLL))
     }
 
@@ -178,11 +189,11 @@ impl Drill<'_> {
             .and_then(|s| s.target_namespace.clone())
             .or_else(|| self.drill.spec.target_namespace.clone())
             .unwrap_or_else(|| {
-                format!(
-                    "{}-drill-{}",
-                    self.namespace,
-                    &self.uid[..self.uid.len().min(8)]
-                )
+                // A namespace name is a DNS label: at most 63 characters.
+                let uid8 = &self.uid[..self.uid.len().min(8)];
+                let room = 63 - "-drill-".len() - uid8.len();
+                let base = &self.namespace[..self.namespace.len().min(room)];
+                format!("{}-drill-{uid8}", base.trim_end_matches('-'))
             })
     }
 
@@ -298,6 +309,21 @@ async fn start(d: &Drill<'_>) -> Result<Action, ReconcileError> {
             .await;
     }
     let sandbox = d.sandbox();
+    let label_ok = !sandbox.is_empty()
+        && sandbox.len() <= 63
+        && sandbox
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !sandbox.starts_with('-')
+        && !sandbox.ends_with('-');
+    if !label_ok {
+        return d
+            .fail(
+                "InvalidSpec",
+                format!("spec.targetNamespace: {sandbox:?} is not a namespace name (a DNS label: lowercase letters, digits and '-', at most 63)"),
+            )
+            .await;
+    }
     if let Some(existing) = Api::<Namespace>::all(d.ctx.client.clone())
         .get_opt(&sandbox)
         .await?
@@ -424,6 +450,77 @@ async fn clone_snapshot(d: &Drill<'_>, sandbox: &str, name: &str) -> Result<(), 
     Ok(())
 }
 
+/// The Deployments and StatefulSets in `sandbox`, as one wave of `{kind, metadata.name}`
+/// (what [`instantiate::not_ready`] reads).
+async fn sandbox_workloads(
+    client: &Client,
+    sandbox: &str,
+) -> Result<Vec<Vec<Value>>, ReconcileError> {
+    use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+    let mut wave = Vec::new();
+    for d in Api::<Deployment>::namespaced(client.clone(), sandbox)
+        .list(&ListParams::default())
+        .await?
+    {
+        wave.push(json!({"kind": "Deployment", "metadata": {"name": d.name_any()}}));
+    }
+    for s in Api::<StatefulSet>::namespaced(client.clone(), sandbox)
+        .list(&ListParams::default())
+        .await?
+    {
+        wave.push(json!({"kind": "StatefulSet", "metadata": {"name": s.name_any()}}));
+    }
+    Ok(vec![wave])
+}
+
+/// Why the drill must stop because this site is (becoming) the pair's active site: a failover
+/// or migration here while the drill runs would otherwise leave a second copy of the app
+/// beside production.
+fn became_active(d: &Drill<'_>, pair: &DRPair) -> Option<String> {
+    use ferry_schemas::drpair::PairPhase;
+    let status = pair.status.clone().unwrap_or_default();
+    let active = status
+        .active_site
+        .clone()
+        .unwrap_or_else(|| pair.spec.primary_site.clone());
+    let moving = matches!(
+        status.phase,
+        Some(PairPhase::Migrating | PairPhase::FailedOver)
+    );
+    (active == d.ctx.site || moving).then(|| {
+        format!(
+            "DRPair {} is now active at (or moving to) site {active}: the drill stops and its sandbox goes",
+            d.drill.spec.pair
+        )
+    })
+}
+
+/// Creates the sandbox namespace, labelled with the drill's uid. One that exists is used only
+/// if it carries that label (this drill created it before a restart); anything else, even a
+/// namespace created since the drill started, is refused, so cleanup never deletes a
+/// namespace that is not the drill's.
+async fn create_sandbox(d: &Drill<'_>, sandbox: &str) -> Result<(), String> {
+    let namespaces: Api<Namespace> = Api::all(d.ctx.client.clone());
+    let namespace: Namespace =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": sandbox, "labels": { DRILL_LABEL: d.uid }}}))
+        .map_err(|e| e.to_string())?;
+    match namespaces.create(&PostParams::default(), &namespace).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = namespaces.get(sandbox).await.map_err(|e| e.to_string())?;
+            if existing.labels().get(DRILL_LABEL) == Some(&d.uid) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "spec.targetNamespace: namespace {sandbox} exists and is not this drill's sandbox"
+                ))
+            }
+        }
+        Err(e) => Err(format!("creating namespace {sandbox}: {e}")),
+    }
+}
+
 /// Restoring: sandbox, isolation, cloned snapshots, manifests; then waits for readiness.
 async fn restore(d: &Drill<'_>) -> Result<Action, ReconcileError> {
     let status = d.drill.status.clone().unwrap_or_default();
@@ -444,50 +541,55 @@ async fn restore(d: &Drill<'_>) -> Result<Action, ReconcileError> {
             )
             .await;
     };
-    let waves = match plan(d, &pair, generation).await {
-        Ok(waves) => waves,
-        Err(message) => return d.fail("RestoreFailed", message).await,
-    };
-    let namespace = json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": sandbox, "labels": { DRILL_LABEL: d.uid }}});
-    Api::<Namespace>::all(d.ctx.client.clone())
-        .patch(
-            &sandbox,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&namespace),
-        )
-        .await?;
-    // Isolation: nothing in, nothing out but DNS.
-    let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "ferry-drill-isolation", "namespace": sandbox, "labels": { DRILL_LABEL: d.uid }},
-        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
-            "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}});
-    if let Err(e) = ferry_manifests::apply_object(&d.ctx.client, &policy, MANAGER).await {
-        return d
-            .fail(
-                "RestoreFailed",
-                format!(
-                    "NetworkPolicy {sandbox}/ferry-drill-isolation: {}",
-                    e.message
-                ),
-            )
-            .await;
+    if let Some(why) = became_active(d, &pair) {
+        return d.fail("ActiveSite", why).await;
     }
-    for claim in waves
-        .iter()
-        .flatten()
-        .filter(|o| o["kind"] == "PersistentVolumeClaim")
-    {
-        if let Some(name) = claim["spec"]["dataSource"]["name"].as_str() {
-            if let Err(message) = clone_snapshot(d, &sandbox, name).await {
-                return d.fail("RestoreFailed", message).await;
+    if status.applied_time.is_none() {
+        let waves = match plan(d, &pair, generation).await {
+            Ok(waves) => waves,
+            Err(message) => return d.fail("RestoreFailed", message).await,
+        };
+        if let Err(message) = create_sandbox(d, &sandbox).await {
+            return d.fail("NamespaceExists", message).await;
+        }
+        // Isolation: nothing in, nothing out but DNS (the app's own NetworkPolicies are left
+        // out of the plan, so none widens it).
+        let policy = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "ferry-drill-isolation", "namespace": sandbox, "labels": { DRILL_LABEL: d.uid }},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}]}});
+        if let Err(e) = ferry_manifests::apply_object(&d.ctx.client, &policy, MANAGER).await {
+            return d
+                .fail(
+                    "RestoreFailed",
+                    format!(
+                        "NetworkPolicy {sandbox}/ferry-drill-isolation: {}",
+                        e.message
+                    ),
+                )
+                .await;
+        }
+        for claim in waves
+            .iter()
+            .flatten()
+            .filter(|o| o["kind"] == "PersistentVolumeClaim")
+        {
+            if let Some(name) = claim["spec"]["dataSource"]["name"].as_str() {
+                if let Err(message) = clone_snapshot(d, &sandbox, name).await {
+                    return d.fail("RestoreFailed", message).await;
+                }
             }
         }
+        if let Err(e) = instantiate::apply(&d.ctx.client, &waves).await {
+            return d.fail("RestoreFailed", e.to_string()).await;
+        }
+        // Applied once: from here on only readiness is watched.
+        d.status(json!({"appliedTime": now()})).await?;
     }
-    if let Err(e) = instantiate::apply(&d.ctx.client, &waves).await {
-        return d.fail("RestoreFailed", e.to_string()).await;
-    }
-    let waiting = instantiate::not_ready(&d.ctx.client, &sandbox, &waves).await?;
+    // Readiness of what is in the sandbox now (the generation itself may be retired by the
+    // replicator's retention meanwhile; the sandbox's volumes no longer need it).
+    let workloads = sandbox_workloads(&d.ctx.client, &sandbox).await?;
+    let waiting = instantiate::not_ready(&d.ctx.client, &sandbox, &workloads).await?;
     if !waiting.is_empty() {
         let waited = seconds_since(&started);
         if waited > READY_TIMEOUT.as_secs_f64() {
@@ -552,12 +654,22 @@ async fn run_check(
     let status = process
         .take_status()
         .ok_or_else(|| "the exec has no status channel".to_string())?;
+    // Bytes, not text: output that is not UTF-8 must not cut the stream; the tail is kept.
     let read = |pipe: Option<tokio::io::ReadHalf<tokio::io::SimplexStream>>| async move {
-        let mut text = String::new();
+        let mut kept: Vec<u8> = Vec::new();
         if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text).await;
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 4 * OUTPUT_TAIL_CHARS {
+                    kept.drain(..kept.len() - 2 * OUTPUT_TAIL_CHARS);
+                }
+            }
         }
-        text
+        String::from_utf8_lossy(&kept).into_owned()
     };
     // Both at once: a pipe left unread would stall the other.
     let (out, err) = tokio::join!(read(process.stdout()), read(process.stderr()));
@@ -585,6 +697,12 @@ async fn run_check(
 async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
     let status = d.drill.status.clone().unwrap_or_default();
     let sandbox = d.sandbox();
+    let pairs: Api<DRPair> = Api::namespaced(d.ctx.client.clone(), &d.namespace);
+    if let Some(pair) = pairs.get_opt(&d.drill.spec.pair).await? {
+        if let Some(why) = became_active(d, &pair) {
+            return d.fail("ActiveSite", why).await;
+        }
+    }
     let command = d
         .drill
         .spec
@@ -593,12 +711,26 @@ async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
         .filter(|v| !v.command.is_empty());
     let (passed, output) = match command {
         None => (true, None),
-        Some(v) => {
-            match run_check(&d.ctx.client, &sandbox, v.container.as_deref(), &v.command).await {
-                Ok((passed, output)) => (passed, Some(output)),
-                Err(message) => return d.fail("VerifyFailed", message).await,
+        Some(v) => match tokio::time::timeout(
+            VERIFY_TIMEOUT,
+            run_check(&d.ctx.client, &sandbox, v.container.as_deref(), &v.command),
+        )
+        .await
+        {
+            Ok(Ok((passed, output))) => (passed, Some(output)),
+            Ok(Err(message)) => return d.fail("VerifyFailed", message).await,
+            Err(_) => {
+                return d
+                    .fail(
+                        "VerifyFailed",
+                        format!(
+                            "spec.verify.command did not finish within {}s",
+                            VERIFY_TIMEOUT.as_secs()
+                        ),
+                    )
+                    .await
             }
-        }
+        },
     };
     if !passed {
         let message = format!(
@@ -660,12 +792,23 @@ async fn cleanup(d: &Drill<'_>) -> Result<bool, ReconcileError> {
     let sandbox = d.sandbox();
     if let Some(ns) = namespaces.get_opt(&sandbox).await? {
         if ns.labels().get(DRILL_LABEL) == Some(&d.uid) {
-            if ns.metadata.deletion_timestamp.is_none() {
-                namespaces
-                    .delete(&sandbox, &DeleteParams::default())
-                    .await?;
+            // Never a namespace that holds a pair: that would be a copy, not a sandbox.
+            let pairs: Api<DRPair> = Api::namespaced(d.ctx.client.clone(), &sandbox);
+            if !pairs
+                .list(&ListParams::default().limit(1))
+                .await?
+                .items
+                .is_empty()
+            {
+                tracing::warn!(namespace = %sandbox, "a DRPair lives in the drill's namespace; not deleting it");
+            } else {
+                if ns.metadata.deletion_timestamp.is_none() {
+                    namespaces
+                        .delete(&sandbox, &DeleteParams::default())
+                        .await?;
+                }
+                return Ok(false);
             }
-            return Ok(false);
         }
     }
     let contents: Api<DynamicObject> = Api::all_with(d.ctx.client.clone(), &contents_resource());
@@ -684,4 +827,193 @@ async fn cleanup(d: &Drill<'_>) -> Result<bool, ReconcileError> {
         }
     }
     Ok(left.items.is_empty())
+}
+
+/// Scheduled drills kept per pair (older ones are deleted, their sandboxes with them).
+pub const SCHEDULED_KEPT: usize = 5;
+/// Label on scheduled drills: the pair they test.
+pub const PAIR_LABEL: &str = ferry_schemas::contract::PAIR_LABEL;
+/// Label on scheduled drills: `"true"`.
+pub const SCHEDULED_LABEL: &str = "ferry.dev/scheduled";
+
+/// Runs the drill schedule (`spec.drill` of each DRPair) at this site until the stream ends:
+/// at the pair's DR site, a DRDrill every `every` (never two at once), the newest
+/// [`SCHEDULED_KEPT`] kept, and the `DrillOverdue` condition on the DRPair.
+pub async fn run_schedule(ctx: Arc<Context>) {
+    let pairs: Api<DRPair> = Api::all(ctx.client.clone());
+    Controller::new(pairs, watcher::Config::default())
+        .run(schedule, schedule_error, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "drill schedule");
+            }
+        })
+        .await;
+}
+
+fn schedule_error(_p: Arc<DRPair>, error: &ReconcileError, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %error, "drill schedule step failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn time_of(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+    t.0.as_millisecond() as f64 / 1000.0
+}
+
+async fn schedule(pair: Arc<DRPair>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    use ferry_schemas::conditions::{
+        ConditionStatus as S, PairConditionReason as R, PairConditionType as T,
+    };
+    let Some(plan) = pair.spec.drill.clone() else {
+        return Ok(Action::await_change());
+    };
+    let status = pair.status.clone().unwrap_or_default();
+    let active = status
+        .active_site
+        .clone()
+        .unwrap_or_else(|| pair.spec.primary_site.clone());
+    // Drills run where the copy is; a pair being deleted or moved is left alone.
+    if active == ctx.site || pair.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let Ok(valid) = pair.spec.validate(None) else {
+        return Ok(Action::await_change());
+    };
+    let Some(every) = valid.drill_every else {
+        return Ok(Action::await_change());
+    };
+    let namespace = pair.namespace().unwrap_or_default();
+    let name = pair.name_any();
+    let drills: Api<DRDrill> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut all: Vec<DRDrill> = drills
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|d| d.spec.pair == name)
+        .collect();
+    all.sort_by(|a, b| {
+        let t = |d: &DRDrill| d.metadata.creation_timestamp.as_ref().map(time_of);
+        t(a).partial_cmp(&t(b)).unwrap_or(std::cmp::Ordering::Equal)
+    });
+    let scheduled: Vec<&DRDrill> = all
+        .iter()
+        .filter(|d| d.labels().get(SCHEDULED_LABEL).map(String::as_str) == Some("true"))
+        .collect();
+    let now_s = Timestamp::now().as_millisecond() as f64 / 1000.0;
+    let every_s = every.as_secs_f64();
+
+    // Due when the newest scheduled drill started `every` ago and none is still running.
+    let newest = scheduled
+        .last()
+        .and_then(|d| d.metadata.creation_timestamp.as_ref().map(time_of));
+    let running = scheduled.iter().any(|d| {
+        !matches!(
+            d.status.as_ref().and_then(|s| s.phase),
+            Some(P::Passed | P::Failed | P::CleanedUp)
+        )
+    });
+    let due_in = newest.map_or(0.0, |t| t + every_s - now_s);
+    if due_in <= 0.0 && !running {
+        let drill_name = format!("{name}-{}", now_s as u64);
+        let drill = json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRDrill",
+            "metadata": {"name": drill_name, "namespace": namespace,
+                "labels": {PAIR_LABEL: name, SCHEDULED_LABEL: "true"}},
+            "spec": {"pair": name, "ttl": plan.ttl, "verify": plan.verify}});
+        let drill: DRDrill = serde_json::from_value(drill)
+            .map_err(|e| ReconcileError::Kube(kube::Error::SerdeError(e)))?;
+        match drills.create(&PostParams::default(), &drill).await {
+            Ok(_) | Err(kube::Error::Api(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(pair = %name, drill = %drill_name, "scheduled drill created");
+    }
+    // History: the newest few scheduled drills stay.
+    if scheduled.len() > SCHEDULED_KEPT {
+        for old in &scheduled[..scheduled.len() - SCHEDULED_KEPT] {
+            let terminal = matches!(
+                old.status.as_ref().and_then(|s| s.phase),
+                Some(P::Passed | P::Failed | P::CleanedUp)
+            );
+            if terminal {
+                match drills
+                    .delete(&old.name_any(), &DeleteParams::default())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+
+    // Overdue: no pass within `every` plus the smaller of `every` and a day, counted from the
+    // last pass, or from the first scheduled drill when none passed yet.
+    let margin = every_s.min(86_400.0);
+    let last_pass = all
+        .iter()
+        .filter(|d| {
+            matches!(d.status.as_ref().and_then(|s| s.phase), Some(P::Passed))
+                || (d.status.as_ref().and_then(|s| s.phase) == Some(P::CleanedUp)
+                    && d.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.type_ == "Succeeded" && c.status == "True")
+                    }))
+        })
+        .filter_map(|d| d.status.as_ref()?.completion_time.as_ref().map(time_of))
+        .fold(None, |acc: Option<f64>, t| {
+            Some(acc.map_or(t, |a| a.max(t)))
+        });
+    let since = last_pass.or_else(|| {
+        scheduled
+            .first()
+            .and_then(|d| d.metadata.creation_timestamp.as_ref().map(time_of))
+    });
+    let condition = match (since, last_pass) {
+        (Some(t), _) if now_s - t > every_s + margin => Some((
+            T::DrillOverdue,
+            S::True,
+            R::NoRecentDrill,
+            match last_pass {
+                Some(t) => format!(
+                    "the last drill of {name} that passed here finished {:.0}s ago; spec.drill.every is {}",
+                    now_s - t,
+                    plan.every
+                ),
+                None => format!(
+                    "no drill of {name} has passed here since the first scheduled one {:.0}s ago; spec.drill.every is {}",
+                    now_s - t,
+                    plan.every
+                ),
+            },
+        )),
+        (_, Some(t)) => Some((
+            T::DrillOverdue,
+            S::False,
+            R::DrillPassedRecently,
+            format!("a drill of {name} passed here {:.0}s ago", now_s - t),
+        )),
+        _ => None,
+    };
+    if let Some(condition) = condition {
+        let writer = ferry_runtime::PairStatus::new(
+            ctx.client.clone(),
+            &ctx.site,
+            ferry_runtime::Component::Controller,
+        );
+        writer
+            .apply(&namespace, &name, json!({}), &[condition])
+            .await?;
+    }
+    // Look again when the next drill is due, or soon while one runs or the verdict may change.
+    let next = if running || due_in <= 0.0 {
+        5.0
+    } else {
+        due_in.clamp(1.0, 3600.0)
+    };
+    Ok(Action::requeue(Duration::from_secs_f64(
+        next.min(margin.max(5.0)),
+    )))
 }

@@ -26,10 +26,11 @@ pub enum Instantiation {
     /// migration or failover creates them from the chosen generation's snapshots).
     Standby,
     /// A drill's sandbox: as [`Instantiation::Run`], shaped so that it cannot act as the
-    /// production app: every object labelled `ferry.dev/drill: <drill>`, CronJobs suspended
-    /// (a drill must not run the app's batch work twice), Services of type `LoadBalancer` or
-    /// `NodePort` made `ClusterIP` (no second external address), and Namespaces and Ingresses
-    /// left out (the sandbox has its own namespace; an Ingress host would collide with
+    /// production app: every object labelled `ferry.dev/drill: <drill>`, CronJobs and Jobs
+    /// suspended (a drill must not run the app's batch work twice), Services of type
+    /// `LoadBalancer` or `NodePort` made `ClusterIP` (no second external address), and
+    /// Namespaces, Ingresses, Gateway API routes and the app's NetworkPolicies left out (the
+    /// sandbox has its own namespace and isolation; a host name would collide with
     /// production's).
     Drill {
         /// The committed generation.
@@ -69,8 +70,11 @@ pub fn plan_instantiation(
         }
         Instantiation::Drill { generation, drill } => {
             let left_out = |o: &Value| {
-                (o["kind"] == "Namespace" && o["apiVersion"] == "v1")
-                    || (o["kind"] == "Ingress" && o["apiVersion"] == "networking.k8s.io/v1")
+                let group = o["apiVersion"].as_str().unwrap_or_default();
+                (o["kind"] == "Namespace" && group == "v1")
+                    || (group.starts_with("networking.k8s.io/")
+                        && (o["kind"] == "Ingress" || o["kind"] == "NetworkPolicy"))
+                    || group.starts_with("gateway.networking.k8s.io/")
             };
             objects.retain(|o| !left_out(o));
             for object in &mut objects {
@@ -90,7 +94,16 @@ pub fn plan_instantiation(
 /// A drill's changes to one object (see [`Instantiation::Drill`]).
 fn sandbox(object: &mut Value, drill: &str) {
     object["metadata"]["labels"][DRILL_LABEL] = json!(drill);
-    if object["kind"] == "CronJob" && object["apiVersion"] == "batch/v1" {
+    // Their pods too, so that anyone (monitoring, a chaos checker) can tell them apart from
+    // the app's; selectors still match, a label more is no mismatch.
+    for template in ["/spec/template", "/spec/jobTemplate/spec/template"] {
+        if let Some(t) = object.pointer_mut(template).filter(|t| t.is_object()) {
+            t["metadata"]["labels"][DRILL_LABEL] = json!(drill);
+        }
+    }
+    if (object["kind"] == "CronJob" || object["kind"] == "Job")
+        && object["apiVersion"] == "batch/v1"
+    {
         object["spec"]["suspend"] = json!(true);
     }
     if object["kind"] == "Service" && object["apiVersion"] == "v1" {
@@ -157,7 +170,7 @@ mod tests {
                    "spec": {"volumeName": "pv-1", "resources": {"requests": {"storage": "1Gi"}}}}),
             json!({"apiVersion": "apps/v1", "kind": "Deployment",
                    "metadata": {"name": "web", "namespace": "elsewhere"},
-                   "spec": {"replicas": 3}}),
+                   "spec": {"replicas": 3, "template": {"metadata": {"labels": {"app": "web"}}}}}),
             json!({"apiVersion": "v1", "kind": "ConfigMap",
                    "metadata": {"name": "settings", "namespace": "elsewhere"}}),
         ]
@@ -193,6 +206,10 @@ mod tests {
             .push(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}));
         objects.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress", "metadata": {"name": "web"},
                             "spec": {"rules": [{"host": "shop.example.com"}]}}));
+        objects.push(json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "allow-all"},
+                            "spec": {"podSelector": {}, "ingress": [{}]}}));
+        objects.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
+                            "spec": {"hostnames": ["shop.example.com"]}}));
         objects.push(
             json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
                             "spec": {"schedule": "0 2 * * *"}}),
@@ -213,10 +230,9 @@ mod tests {
         .unwrap();
         let objects = flat(waves);
         let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
-        assert!(
-            !kinds.contains(&"Namespace") && !kinds.contains(&"Ingress"),
-            "{kinds:?}"
-        );
+        for left_out in ["Namespace", "Ingress", "NetworkPolicy", "HTTPRoute"] {
+            assert!(!kinds.contains(&left_out), "{left_out}: {kinds:?}");
+        }
         assert!(objects
             .iter()
             .all(|o| o["metadata"]["labels"][DRILL_LABEL] == "uid-1"
@@ -225,6 +241,11 @@ mod tests {
         assert_eq!(claim["spec"]["dataSource"]["name"], "ferry-ledger-data-g7");
         let cron = objects.iter().find(|o| o["kind"] == "CronJob").unwrap();
         assert_eq!(cron["spec"]["suspend"], true);
+        let web = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+        assert_eq!(
+            web["spec"]["template"]["metadata"]["labels"][DRILL_LABEL],
+            "uid-1"
+        );
         let service = objects.iter().find(|o| o["kind"] == "Service").unwrap();
         assert_eq!(service["spec"]["type"], "ClusterIP");
         assert!(service["spec"].get("loadBalancerIP").is_none());

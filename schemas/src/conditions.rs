@@ -67,6 +67,9 @@ wire_enum! {
         /// read whole and why (no SnapshotMetadataService for the driver, base snapshot gone,
         /// token refused, an error, a resized volume). Written once a volume has a base.
         ChangedBlockTracking = "ChangedBlockTracking",
+        /// At the DR site, with `spec.drill` (abnormal-true): no drill of the pair passed
+        /// within `spec.drill.every` plus the smaller of `every` and one day.
+        DrillOverdue = "DrillOverdue",
     }
 }
 
@@ -136,6 +139,10 @@ wire_enum! {
         /// `StandbyApplied=False`: `spec.standby` is `Stored` (cold standby): nothing is
         /// applied here until a migration or failover.
         StandbyStored = "StandbyStored",
+        /// `DrillOverdue=False`: a drill passed recently enough; the message says when.
+        DrillPassedRecently = "DrillPassedRecently",
+        /// `DrillOverdue=True`: the message says when a drill last passed, if ever.
+        NoRecentDrill = "NoRecentDrill",
         /// `Ready=False` at the site holding the copy: the pair was deleted at its active
         /// site with `deletionPolicy: Retain`; the message names that site and the
         /// generations kept here.
@@ -297,7 +304,8 @@ mod tests {
                 "FailoverBlocked",
                 "WitnessQuorumLost",
                 "StandbyApplied",
-                "ChangedBlockTracking"
+                "ChangedBlockTracking",
+                "DrillOverdue"
             ]
         );
         assert_eq!(

@@ -73,17 +73,37 @@ pub struct DRDrillSpec {
     pub verify: Option<DrillVerify>,
 }
 
-/// A verification command run in one of the restored app's pods (through `pods/exec`); its
-/// exit status is the verdict.
+/// A verification command run in one of the restored app's pods (through `pods/exec`, in the
+/// first running pod by name); its exit status is the verdict. It may run again after a
+/// controller restart, so it must be safe to repeat (read-only checks are).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DrillVerify {
-    /// Container to run it in; default: the pod's first container.
+    /// Container to run it in; required for pods with several containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
     /// The command and its arguments (no shell unless you name one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+}
+
+/// `spec.drill` of a DRPair: drills the DR site's controller creates on its own, one every
+/// `every`, each a DRDrill named `<pair>-<unix seconds>` labelled `ferry.dev/pair` and
+/// `ferry.dev/scheduled: "true"` (the newest 5 are kept).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrillSchedule {
+    /// How often (humantime, e.g. `7d`; at least `10s`). `DrillOverdue` turns True on the
+    /// DR site's DRPair when no drill passed within `every` plus the smaller of `every` and
+    /// one day.
+    #[schemars(length(min = 1))]
+    pub every: String,
+    /// `spec.ttl` of each drill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// `spec.verify` of each drill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<DrillVerify>,
 }
 
 wire_enum! {
@@ -121,6 +141,9 @@ pub struct DRDrillStatus {
     /// When the drill started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the sandbox's objects were applied (after that only readiness is watched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_time: Option<Time>,
     /// When the restored app's workloads were all ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_time: Option<Time>,

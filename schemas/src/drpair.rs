@@ -117,13 +117,18 @@ pub struct DRPairSpec {
     /// always retains.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
-    /// Filesystem volumes: every this many generations the source reads every file. In the
-    /// others a file whose size and modification time (ns) match the previous generation is
-    /// not read (rsync's and restic's quick check), which misses only a file rewritten in
-    /// place with its old mtime restored. At least 1 (1: always read everything); default 24.
+    /// Every this many generations the source reads every volume whole. In the others a file
+    /// of a Filesystem volume whose size and modification time (ns) match the previous
+    /// generation is not read (rsync's and restic's quick check), which misses only a file
+    /// rewritten in place with its old mtime restored, and a Block volume is read through the
+    /// CSI driver's changed block tracking where it has one. At least 1 (1: always read
+    /// everything); default 24.
     #[serde(default = "default_full_scan_every")]
     #[schemars(range(min = 1))]
     pub full_scan_every: u32,
+    /// Scheduled DR drills at the DR site (see the DRDrill kind); none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<crate::drill::DrillSchedule>,
 }
 
 fn default_retain_generations() -> u32 {

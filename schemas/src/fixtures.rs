@@ -52,6 +52,7 @@ pub fn drpair(name: &str, namespace: &str) -> DRPairBuilder {
         retain_generations: crate::drpair::DEFAULT_RETAIN_GENERATIONS,
         deletion_policy: Default::default(),
         full_scan_every: crate::drpair::DEFAULT_FULL_SCAN_EVERY,
+        drill: None,
     };
     let mut pair = DRPair::new(name, spec);
     pair.metadata.namespace = Some(namespace.to_owned());

@@ -152,7 +152,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The main job: two sites, an app replicated with rpo 30s, a planned migration, a report.
+    /// The main job: two sites, an app replicated with rpo 30s, a DR drill, a planned migration, a report.
     Demo {
         /// Lab directory (default: a fresh one under the system temp dir).
         #[arg(long)]
@@ -295,6 +295,7 @@ fn run(cli: Cli) -> Result<()> {
                     namespace: String::new(),
                     pod: String::new(),
                     app: None,
+                    drill: None,
                     pid: Some(pid as u32),
                     exit: None,
                 };

@@ -216,3 +216,82 @@ async fn drill_on(settings: e2e::LabSettings) {
         assert_eq!(vs.data["status"]["readyToUse"], true, "{kept}");
     }
 }
+
+on_both_planes!(
+    scheduled_drills_run_on_their_own_and_an_overdue_one_is_flagged,
+    scheduled_drills_run_on_their_own_and_an_overdue_one_is_flagged_on_kubernetes,
+    schedule_on
+);
+
+/// `spec.drill` on the pair (set at `a`, carried to `b` with the next generation): `b`'s
+/// controller creates drills on its own, one every `every`; while they pass `DrillOverdue` is
+/// False at `b`; once they fail for longer than `every` plus its margin, it turns True, naming
+/// when a drill last passed; old scheduled drills are pruned.
+async fn schedule_on(settings: e2e::LabSettings) {
+    use kube::api::{Patch, PatchParams};
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (a, b) = e2e::setup_on(&lab.0, &settings).await;
+    let exec = settings.control_plane == ControlPlane::Lab;
+    let set_drill = |verify: Value| {
+        let a = a.clone();
+        async move {
+            Api::<DRPair>::namespaced(a, NS)
+                .patch(
+                    PAIR,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"drill": {"every": "10s", "ttl": "10s", "verify": verify}}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    // Passing drills: the ledger verified where the lab can exec, readiness elsewhere.
+    set_drill(if exec {
+        json!({"command": ["sqlite-writer", "verify"]})
+    } else {
+        json!({})
+    })
+    .await;
+    e2e::sync_now(&a, "drill-schedule").await;
+    let drills: Api<DRDrill> = Api::namespaced(b.clone(), NS);
+    let scheduled = ListParams::default().labels("ferry.dev/scheduled=true");
+    eventually("a scheduled drill passed at b", || async {
+        let list = drills.list(&scheduled).await.map_err(|e| e.to_string())?;
+        list.items
+            .iter()
+            .any(|d| d.status.as_ref().and_then(|s| s.phase).map(|p| p.as_str()) == Some("Passed"))
+            .then_some(())
+            .ok_or(format!(
+                "{} scheduled drills, none passed",
+                list.items.len()
+            ))
+    })
+    .await;
+    let pairs_b: Api<DRPair> = Api::namespaced(b.clone(), NS);
+    let overdue = |want: &'static str| {
+        let pairs_b = pairs_b.clone();
+        async move {
+            let p = pairs_b.get(PAIR).await.map_err(|e| e.to_string())?;
+            match e2e::condition(&p, "DrillOverdue") {
+                Some(c) if c.status == want => Ok(c),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    let fine = eventually("DrillOverdue=False at b", || overdue("False")).await;
+    assert_eq!(fine.reason, "DrillPassedRecently", "{fine:?}");
+
+    // Failing drills (a ledger that is not there; on the real control plane the lab node has no
+    // exec endpoint, so any command fails): overdue once every + margin passed without a pass.
+    set_drill(json!({"command": ["sqlite-writer", "verify", "--data-dir", "/nowhere"]})).await;
+    e2e::sync_now(&a, "drill-failing").await;
+    let late = eventually("DrillOverdue=True at b", || overdue("True")).await;
+    assert_eq!(late.reason, "NoRecentDrill", "{late:?}");
+    assert!(late.message.contains("passed here finished"), "{late:?}");
+    let kept = drills.list(&scheduled).await.unwrap().items.len();
+    assert!(
+        kept <= ferry_failover::drill::SCHEDULED_KEPT + 1,
+        "{kept} scheduled drills kept"
+    );
+}

@@ -8,7 +8,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::names;
 use super::{
-    SpecError, DEFAULT_HOOK_TIMEOUT, DEFAULT_SITE_LOSS_TIMEOUT, MIN_RPO, MIN_SITE_LOSS_TIMEOUT,
+    SpecError, DEFAULT_HOOK_TIMEOUT, DEFAULT_SITE_LOSS_TIMEOUT, MIN_DRILL_EVERY, MIN_RPO,
+    MIN_SITE_LOSS_TIMEOUT,
 };
 use crate::drpair::{
     DRPairSpec, FailoverMode, FailoverSpec, Hook, Hooks, LabelTransform, PatchOp, ReplicaPolicy,
@@ -42,8 +43,11 @@ pub struct ValidPairSpec {
     pub retain_generations: NonZeroU32,
     /// What deleting the pair does to the copy at the other site.
     pub deletion_policy: crate::drpair::DeletionPolicy,
-    /// Every this many generations filesystem volumes are read whole (no quick check).
+    /// Every this many generations volumes are read whole (no quick check, no changed block
+    /// tracking).
     pub full_scan_every: NonZeroU32,
+    /// How often the DR site drills the pair (`spec.drill.every`), if it does.
+    pub drill_every: Option<Duration>,
 }
 
 impl ValidPairSpec {
@@ -179,6 +183,17 @@ impl DRPairSpec {
                 got: 0,
             });
         }
+        let drill_every = self.drill.as_ref().and_then(|d| {
+            if let Some(ttl) = &d.ttl {
+                duration("spec.drill.ttl", ttl, None, &mut errors);
+            }
+            duration(
+                "spec.drill.every",
+                &d.every,
+                Some(MIN_DRILL_EVERY),
+                &mut errors,
+            )
+        });
         let full_scan_every = NonZeroU32::new(self.full_scan_every);
         if full_scan_every.is_none() {
             errors.push(SpecError::TooSmall {
@@ -202,6 +217,7 @@ impl DRPairSpec {
                     retain_generations,
                     deletion_policy: self.deletion_policy,
                     full_scan_every,
+                    drill_every,
                 })
             }
             _ => Err(errors),

@@ -38,6 +38,10 @@ pub use site::ValidSiteSpec;
 /// measure lag against a few-second objective.
 pub const MIN_RPO: Duration = Duration::from_secs(10);
 
+/// Smallest `spec.drill.every` accepted: 10 seconds. Weekly is the usual schedule; the floor
+/// only keeps a typo (`7s` for `7d`) from starting a drill every instant.
+pub const MIN_DRILL_EVERY: Duration = Duration::from_secs(10);
+
 /// Smallest `spec.failover.siteLossTimeout` accepted: 10 seconds, a few
 /// health-check intervals, so one missed check never triggers a failover.
 pub const MIN_SITE_LOSS_TIMEOUT: Duration = Duration::from_secs(10);

@@ -35,6 +35,10 @@ pub struct TimelineEntry {
     pub pod: String,
     /// The pod's `app` label, which names the app across sites.
     pub app: Option<String>,
+    /// The pod's `ferry.dev/drill` label: the pod belongs to a DR drill's sandbox, an
+    /// isolated test copy of the app, not the app itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill: Option<String>,
     /// Process id.
     pub pid: Option<u32>,
     /// Exit status for `stop`, when known.
@@ -112,7 +116,8 @@ pub fn read(path: &Path) -> std::io::Result<Vec<TimelineEntry>> {
 
 /// Intervals `[start_ms, end_ms)` during which some pod of `app` ran, per the entries of one
 /// site's timeline; an interval still open ends at `u64::MAX`. A `site_killed` entry ends
-/// every open interval.
+/// every open interval. Pods of a DR drill's sandbox are not the app running (the drill's
+/// isolated copy), so they are left out.
 pub fn running_intervals(entries: &[TimelineEntry], app: &str) -> Vec<(u64, u64)> {
     let mut open: std::collections::BTreeMap<(String, String, Option<u32>), u64> =
         std::collections::BTreeMap::new();
@@ -126,7 +131,7 @@ pub fn running_intervals(entries: &[TimelineEntry], app: &str) -> Vec<(u64, u64)
                         .map(|s| (s, e.at_ms)),
                 );
             }
-            _ if e.app.as_deref() != Some(app) => {}
+            _ if e.app.as_deref() != Some(app) || e.drill.is_some() => {}
             TimelineEvent::Start => {
                 open.insert((e.namespace.clone(), e.pod.clone(), e.pid), e.at_ms);
             }

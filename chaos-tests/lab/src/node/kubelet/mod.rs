@@ -341,6 +341,7 @@ fn timeline(
         namespace: pod.namespace().unwrap_or_default(),
         pod: pod.name_any(),
         app: pod.labels().get("app").cloned(),
+        drill: pod.labels().get(ferry_manifests::DRILL_LABEL).cloned(),
         pid,
         exit,
     };
