@@ -271,6 +271,14 @@ async fn start(d: &Drill<'_>) -> Result<Action, ReconcileError> {
         return d.fail("InvalidSpec", message).await;
     }
     if let Some(verify) = &spec.verify {
+        if verify.job.is_some() && !verify.command.is_empty() {
+            return d
+                .fail(
+                    "InvalidSpec",
+                    "spec.verify: command and job are exclusive; give one".into(),
+                )
+                .await;
+        }
         if verify.container.is_some() && verify.command.is_empty() {
             return d
                 .fail(
@@ -693,6 +701,56 @@ async fn run_check(
     }
 }
 
+/// The verification Job in the sandbox: created once from `spec.verify.job`; `None` while it
+/// runs, then `(completed, what its conditions say)`. It gets at most [`VERIFY_TIMEOUT`]
+/// (`activeDeadlineSeconds` unless the template sets one).
+async fn verify_job(
+    d: &Drill<'_>,
+    sandbox: &str,
+    spec: Value,
+) -> Result<Option<(bool, String)>, String> {
+    use k8s_openapi::api::batch::v1::Job;
+    let jobs: Api<Job> = Api::namespaced(d.ctx.client.clone(), sandbox);
+    let name = "ferry-drill-verify";
+    let job = match jobs.get_opt(name).await.map_err(|e| e.to_string())? {
+        Some(job) => job,
+        None => {
+            let mut spec = spec;
+            if spec.get("activeDeadlineSeconds").is_none() {
+                spec["activeDeadlineSeconds"] = json!(VERIFY_TIMEOUT.as_secs());
+            }
+            spec["template"]["metadata"]["labels"][DRILL_LABEL] = json!(d.uid);
+            let job: Job = serde_json::from_value(json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": name, "namespace": sandbox, "labels": { DRILL_LABEL: d.uid }},
+                "spec": spec}))
+            .map_err(|e| format!("spec.verify.job is not a Job spec: {e}"))?;
+            jobs.create(&PostParams::default(), &job)
+                .await
+                .map_err(|e| format!("creating Job {sandbox}/{name} from spec.verify.job: {e}"))?
+        }
+    };
+    let conditions = job.status.and_then(|s| s.conditions).unwrap_or_default();
+    let done = |kind: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == kind && c.status == "True")
+            .map(|c| {
+                format!(
+                    "Job {name} {kind}{}",
+                    c.message
+                        .as_deref()
+                        .map(|m| format!(": {m}"))
+                        .unwrap_or_default()
+                )
+            })
+    };
+    Ok(match (done("Complete"), done("Failed")) {
+        (Some(message), _) => Some((true, message)),
+        (None, Some(message)) => Some((false, message)),
+        (None, None) => None,
+    })
+}
+
 /// Verifying: the command's verdict (or readiness alone).
 async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
     let status = d.drill.status.clone().unwrap_or_default();
@@ -702,6 +760,18 @@ async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
         if let Some(why) = became_active(d, &pair) {
             return d.fail("ActiveSite", why).await;
         }
+    }
+    if let Some(job) = d.drill.spec.verify.as_ref().and_then(|v| v.job.clone()) {
+        return match verify_job(d, &sandbox, job).await {
+            Ok(None) => Ok(Action::requeue(POLL)),
+            Ok(Some((true, output))) => pass(d, &status, &sandbox, Some(output)).await,
+            Ok(Some((false, output))) => {
+                d.status(json!({"verification": output})).await?;
+                d.fail("VerifyFailed", format!("spec.verify.job failed: {output}"))
+                    .await
+            }
+            Err(message) => d.fail("VerifyFailed", message).await,
+        };
     }
     let command = d
         .drill
@@ -740,6 +810,16 @@ async fn verify(d: &Drill<'_>) -> Result<Action, ReconcileError> {
         d.status(json!({"verification": output})).await?;
         return d.fail("VerifyFailed", message).await;
     }
+    pass(d, &status, &sandbox, output).await
+}
+
+/// Ends the drill as Passed, with the verification's output.
+async fn pass(
+    d: &Drill<'_>,
+    status: &ferry_schemas::DRDrillStatus,
+    sandbox: &str,
+    output: Option<String>,
+) -> Result<Action, ReconcileError> {
     let rto = status.rto_seconds;
     let message = format!(
         "generation {} of {} recovered in namespace {sandbox} in {:.1}s and verified",

@@ -82,6 +82,7 @@ pub fn plan_instantiation(
                     restore_from_snapshot(object, pair, generation);
                 }
                 sandbox(object, &drill);
+                rebind_to(object, namespace);
             }
         }
     }
@@ -89,6 +90,32 @@ pub fn plan_instantiation(
         object["metadata"]["namespace"] = json!(namespace);
     }
     Ok(instantiation_order(objects))
+}
+
+/// A RoleBinding's ServiceAccount subjects of its own (original) namespace follow it into
+/// `namespace`, so the copied pods get the permissions the app's own had (a `ferry-gate`
+/// init container reading DRPairs, say) and not those of the original namespace's accounts.
+fn rebind_to(object: &mut Value, namespace: &str) {
+    if object["kind"] != "RoleBinding" || object["apiVersion"] != "rbac.authorization.k8s.io/v1" {
+        return;
+    }
+    let original = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if let Some(subjects) = object["subjects"].as_array_mut() {
+        for subject in subjects
+            .iter_mut()
+            .filter(|s| s["kind"] == "ServiceAccount")
+        {
+            let own = subject["namespace"]
+                .as_str()
+                .is_none_or(|n| n.is_empty() || n == original);
+            if own {
+                subject["namespace"] = json!(namespace);
+            }
+        }
+    }
 }
 
 /// A drill's changes to one object (see [`Instantiation::Drill`]).
@@ -210,6 +237,10 @@ mod tests {
                             "spec": {"podSelector": {}, "ingress": [{}]}}));
         objects.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
                             "spec": {"hostnames": ["shop.example.com"]}}));
+        objects.push(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                            "metadata": {"name": "gate", "namespace": "elsewhere"},
+                            "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "elsewhere"},
+                                         {"kind": "ServiceAccount", "name": "ci", "namespace": "other"}]}));
         objects.push(
             json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
                             "spec": {"schedule": "0 2 * * *"}}),
@@ -239,6 +270,9 @@ mod tests {
                 && o["metadata"]["namespace"] == "shop-drill-1"));
         let claim = objects.iter().find(|o| is_claim(o)).unwrap();
         assert_eq!(claim["spec"]["dataSource"]["name"], "ferry-ledger-data-g7");
+        let binding = objects.iter().find(|o| o["kind"] == "RoleBinding").unwrap();
+        assert_eq!(binding["subjects"][0]["namespace"], "shop-drill-1");
+        assert_eq!(binding["subjects"][1]["namespace"], "other");
         let cron = objects.iter().find(|o| o["kind"] == "CronJob").unwrap();
         assert_eq!(cron["spec"]["suspend"], true);
         let web = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();

@@ -73,9 +73,10 @@ pub struct DRDrillSpec {
     pub verify: Option<DrillVerify>,
 }
 
-/// A verification command run in one of the restored app's pods (through `pods/exec`, in the
-/// first running pod by name); its exit status is the verdict. It may run again after a
-/// controller restart, so it must be safe to repeat (read-only checks are).
+/// How a drill is verified: a command run in one of the restored app's pods (through
+/// `pods/exec`, in the first running pod by name), or a Job run in the sandbox; its exit status
+/// is the verdict. A command may run again after a controller restart, so it must be safe to
+/// repeat (read-only checks are).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DrillVerify {
@@ -85,6 +86,12 @@ pub struct DrillVerify {
     /// The command and its arguments (no shell unless you name one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
+    /// Instead of a command: the `spec` of a `batch/v1` Job created in the sandbox (as
+    /// `ferry-drill-verify`); the drill passes when the Job completes and fails when it fails.
+    /// Its pods can mount the sandbox's PVCs by their names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::any_object")]
+    pub job: Option<serde_json::Value>,
 }
 
 /// `spec.drill` of a DRPair: drills the DR site's controller creates on its own, one every

@@ -11,3 +11,13 @@ pub(crate) fn any_json(_gen: &mut SchemaGenerator) -> Schema {
         "nullable": true,
     })
 }
+
+/// Schema for an embedded Kubernetes object spec kept as written (a Job's `spec`): an object,
+/// `x-kubernetes-preserve-unknown-fields: true`; the API server validates it when the object
+/// is created from it.
+pub(crate) fn any_object(_gen: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}

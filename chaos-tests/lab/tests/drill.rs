@@ -84,6 +84,18 @@ async fn drill_on(settings: e2e::LabSettings) {
     };
     let held = eventually("a generation at b", || generation_at(pairs_b.clone())).await;
     let epoch = pairs_b.get(PAIR).await.unwrap().status.unwrap().epoch;
+    // Starts of the app's processes at a (its timeline): a drill must not add any.
+    let starts_at_a = || {
+        e2e::timelines(&lab.0)
+            .0
+            .iter()
+            .filter(|e| {
+                e.app.as_deref() == Some(PAIR)
+                    && e.event == ferry_lab::node::timeline::TimelineEvent::Start
+            })
+            .count()
+    };
+    let started_before = starts_at_a();
 
     // The drill at b, verifying the ledger where the lab can exec.
     let exec = settings.control_plane == ControlPlane::Lab;
@@ -145,6 +157,11 @@ async fn drill_on(settings: e2e::LabSettings) {
         .await
         .unwrap()
         .is_none_or(|d| d.spec.and_then(|s| s.replicas) == Some(0)));
+    assert_eq!(
+        starts_at_a(),
+        started_before,
+        "the app at a was not restarted"
+    );
     // Replication went on: a newer generation commits while the sandbox stands.
     e2e::sync_now(&a, "after-drill").await;
     let after = generation_at(pairs_a.clone()).await.unwrap();
@@ -294,4 +311,103 @@ async fn schedule_on(settings: e2e::LabSettings) {
         kept <= ferry_failover::drill::SCHEDULED_KEPT + 1,
         "{kept} scheduled drills kept"
     );
+}
+
+/// `spec.verify.job` for the ledger: a Job in the sandbox mounting its restored PVC and
+/// running `sqlite-writer verify` (works on both control planes: no exec needed).
+fn verify_job(command: &[&str]) -> Value {
+    json!({"job": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+        "containers": [{"name": "check", "image": "ferry-lab/sqlite-writer", "command": command,
+            "env": [{"name": "DATA_DIR", "value": "/data"}],
+            "volumeMounts": [{"name": "d", "mountPath": "/data"}]}],
+        "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "ledger-data"}}]}}}})
+}
+
+on_both_planes!(
+    drills_verify_with_a_job_stop_for_a_failover_and_clean_up_after_a_restart,
+    drills_verify_with_a_job_stop_for_a_failover_and_clean_up_after_a_restart_on_kubernetes,
+    lifecycle_on
+);
+
+/// With automatic failover and gated pods: a drill verified by a Job passes (the gated app
+/// starts in the sandbox, which has no DRPair, its RoleBinding following it there); a site
+/// restart in the middle of a drill's TTL still ends with the sandbox gone; a drill whose
+/// verification is still running when site `a` is lost stops (`ActiveSite`) once the pair
+/// fails over to its site and cleans up, and the failover completes regardless.
+async fn lifecycle_on(settings: e2e::LabSettings) {
+    use ferry_lab::ledger_app::Protection;
+    use ferry_schemas::Migration;
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab(dir.path().join("lab"));
+    let (_a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
+    let pairs_b: Api<DRPair> = Api::namespaced(b.clone(), NS);
+    eventually("a generation at b", || async {
+        let p = pairs_b.get(PAIR).await.map_err(|e| e.to_string())?;
+        p.status
+            .and_then(|s| s.generation)
+            .ok_or_else(|| "none".to_string())
+    })
+    .await;
+
+    // A Job verifies the restored ledger.
+    create(&b, json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRDrill", "metadata": {"name": "by-job"},
+        "spec": {"pair": PAIR, "ttl": "15s", "verify": verify_job(&["sqlite-writer", "verify"])}})).await;
+    let passed = drill_in(&b, "by-job", "Passed").await;
+    let status = passed.status.unwrap();
+    let sandbox = status.target_namespace.unwrap();
+    assert!(
+        status
+            .verification
+            .as_deref()
+            .is_some_and(|v| v.contains("Complete")),
+        "{:?}",
+        status.verification
+    );
+
+    // b restarts before the TTL ends: the sandbox still goes.
+    e2e::lab_control("site", "kill", "b", &lab.0);
+    e2e::lab_control("site", "start", "b", &lab.0);
+    let b = ferry_lab::site::client_from(&lab.0.join("b/kubeconfig"))
+        .await
+        .unwrap();
+    drill_in(&b, "by-job", "CleanedUp").await;
+    eventually("the sandbox gone after the restart", || async {
+        match Api::<Namespace>::all(b.clone()).get_opt(&sandbox).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+
+    // A drill still verifying when a is lost stops once the pair fails over to b, and cleans
+    // up; the failover is not held up by it.
+    create(&b, json!({"apiVersion": "ferry.dev/v1alpha1", "kind": "DRDrill", "metadata": {"name": "interrupted"},
+        "spec": {"pair": PAIR, "ttl": "1s", "verify": {"job": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "containers": [{"name": "slow", "image": "busybox", "command": ["sleep", "3600"]}]}}}}}})).await;
+    let verifying = drill_in(&b, "interrupted", "Verifying").await;
+    let sandbox = verifying.status.unwrap().target_namespace.unwrap();
+    e2e::lab_control("site", "kill", "a", &lab.0);
+    let stopped = drill_in(&b, "interrupted", "CleanedUp").await;
+    let condition = stopped.status.unwrap().conditions[0].clone();
+    assert_eq!(condition.reason, "ActiveSite", "{condition:?}");
+    eventually("the interrupted drill's sandbox gone", || async {
+        match Api::<Namespace>::all(b.clone()).get_opt(&sandbox).await {
+            Ok(None) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let migrations: Api<Migration> = Api::namespaced(b.clone(), NS);
+    eventually("the failover completed", || async {
+        let m = migrations
+            .get("ledger-failover-2")
+            .await
+            .map_err(|e| e.to_string())?;
+        let phase = m.status.and_then(|s| s.phase).map(|p| p.as_str());
+        (phase == Some("Completed"))
+            .then_some(())
+            .ok_or(format!("{phase:?}"))
+    })
+    .await;
+    e2e::assert_never_at_both_sites(&lab.0);
 }

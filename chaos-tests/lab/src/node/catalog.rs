@@ -83,6 +83,26 @@ impl Catalog {
         Self { exe }
     }
 
+    /// The program a multi-call image has on its `PATH`, as a container of it would: its name
+    /// (e.g. `sqlite-writer` for `ferry-lab/sqlite-writer`) and the argv that runs it, so that
+    /// `pods/exec` of that name in such a container runs the image's program, not whatever the
+    /// host has. `None` for images whose commands are the host's (busybox).
+    pub fn image_program(&self, image: &str) -> Option<(String, Vec<String>)> {
+        let name = match image_name(image) {
+            "ferry-lab/sqlite-writer" => "sqlite-writer",
+            "ghcr.io/ferry-dr/ferry-replicator" => "ferry-replicator",
+            "ghcr.io/ferry-dr/ferry-controller" => "ferry-controller",
+            "ghcr.io/ferry-dr/ferry-gate" => "ferry-gate",
+            _ => return None,
+        };
+        let argv = vec![
+            self.exe.to_string_lossy().into_owned(),
+            "image".to_string(),
+            name.to_string(),
+        ];
+        Some((name.to_string(), argv))
+    }
+
     /// Resolves a container: its image, `command` (replaces the entrypoint) and `args`.
     ///
     /// # Errors

@@ -82,6 +82,17 @@ pub(super) fn container_command(
     target: &ExecTarget,
     command: &[String],
 ) -> tokio::process::Command {
+    // The image's own program by its name (or path), as the container's PATH would find it.
+    let resolved: Vec<String>;
+    let command = match (&target.image_program, command.first()) {
+        (Some((name, argv)), Some(first))
+            if std::path::Path::new(first).file_name() == Some(std::ffi::OsStr::new(name)) =>
+        {
+            resolved = argv.iter().chain(&command[1..]).cloned().collect();
+            &resolved[..]
+        }
+        _ => command,
+    };
     let mut cmd = if is_root() {
         let mut cmd = tokio::process::Command::new("nsenter");
         cmd.args(["--target", &target.pid.to_string(), "--mount", "--"]);

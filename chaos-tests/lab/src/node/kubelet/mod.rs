@@ -91,6 +91,8 @@ struct ExecTarget {
     env: BTreeMap<String, String>,
     working_dir: Option<String>,
     run_as: Option<(i64, Option<i64>)>,
+    /// The image's own program (name, argv): an exec of that name runs it.
+    image_program: Option<(String, Vec<String>)>,
 }
 
 /// Errors preparing or starting a pod.
@@ -325,6 +327,8 @@ struct Prepared {
     readiness: Option<probes::ProbeSpec>,
     /// `livenessProbe` (regular containers only).
     liveness: Option<probes::ProbeSpec>,
+    /// The image's own program (name, argv), which `pods/exec` runs by that name.
+    image_program: Option<(String, Vec<String>)>,
 }
 
 fn timeline(
@@ -630,6 +634,7 @@ async fn run_container(
             env: c.env.clone(),
             working_dir: c.working_dir.clone(),
             run_as: c.run_as,
+            image_program: c.image_program.clone(),
         };
         exec.lock()
             .expect("kubelet lock poisoned")

@@ -252,6 +252,9 @@ pub(super) async fn prepare_container(
         sidecar: c.restart_policy.as_deref() == Some("Always"),
         readiness: container_probe(c, c.readiness_probe.as_ref(), ctx.ip),
         liveness: container_probe(c, c.liveness_probe.as_ref(), ctx.ip),
+        image_program: ctx
+            .catalog
+            .image_program(c.image.as_deref().unwrap_or_default()),
     })
 }
 
