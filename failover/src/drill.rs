@@ -152,6 +152,7 @@ impl Drill<'_> {
         self.status(json!({"phase": P::Failed.as_str(), "completionTime": now(), "conditions": [condition]}))
             .await?;
         self.event(true, "DrillFailed", message).await;
+        release(self).await;
         // Only a drill that got as far as restoring is the pair's last drill here (one refused
         // at the active site, say, is not).
         let started = matches!(
@@ -344,6 +345,10 @@ async fn start(d: &Drill<'_>) -> Result<Action, ReconcileError> {
                 )
                 .await;
         }
+    }
+    // Held against the destination's retention until the verdict.
+    if let Err(message) = hold(d, generation, true).await {
+        return d.fail("GenerationNotHeld", message).await;
     }
     // The data a failover now would lose: known for the newest generation.
     let data_age = (Some(generation) == newest)
@@ -835,6 +840,7 @@ async fn pass(
     )
     .await?;
     d.event(false, "DrillPassed", message).await;
+    release(d).await;
     d.record_on_pair("Passed", rto).await;
     Ok(Action::requeue(POLL))
 }
@@ -865,9 +871,71 @@ async fn expire(d: &Drill<'_>) -> Result<Action, ReconcileError> {
     Ok(Action::await_change())
 }
 
+/// Labels (`hold`) or unlabels the VolumeSnapshots and manifests Secret of `generation` of the
+/// drill's pair with this drill's hold ([`ferry_schemas::contract::DRILL_HOLD_PREFIX`]).
+///
+/// # Errors
+/// A message naming the object; holding a generation with no VolumeSnapshot here is one.
+async fn hold(d: &Drill<'_>, generation: u64, hold: bool) -> Result<(), String> {
+    use ferry_schemas::contract::{
+        DRILL_HOLD_PREFIX, GENERATION_LABEL, PAIR_LABEL as PAIR, REPLICA_ROLE, ROLE_LABEL,
+    };
+    let key = format!("{DRILL_HOLD_PREFIX}{}", &d.uid[..d.uid.len().min(8)]);
+    let value = if hold { json!("true") } else { Value::Null };
+    let patch = Patch::Merge(json!({"metadata": {"labels": { key.clone(): value }}}));
+    let selector = format!(
+        "{PAIR}={},{ROLE_LABEL}={REPLICA_ROLE},{GENERATION_LABEL}={generation}",
+        d.drill.spec.pair
+    );
+    let snapshots: Api<DynamicObject> =
+        Api::namespaced_with(d.ctx.client.clone(), &d.namespace, &snapshots_resource());
+    let listed = snapshots
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(|e| format!("listing the VolumeSnapshots of generation {generation}: {e}"))?;
+    if hold && listed.items.is_empty() {
+        return Err(format!(
+            "generation {generation} has no VolumeSnapshot at site {}",
+            d.ctx.site
+        ));
+    }
+    for vs in &listed.items {
+        snapshots
+            .patch(&vs.name_any(), &PatchParams::default(), &patch)
+            .await
+            .map_err(|e| format!("labelling VolumeSnapshot {}: {e}", vs.name_any()))?;
+    }
+    let secret = manifests_secret(&d.drill.spec.pair, generation);
+    match Api::<Secret>::namespaced(d.ctx.client.clone(), &d.namespace)
+        .patch(&secret, &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 && !hold => Ok(()),
+        Err(e) => Err(format!("labelling Secret {secret}: {e}")),
+    }
+}
+
+/// Releases the drill's hold on its generation; a failure is logged (the label only keeps a
+/// generation longer).
+async fn release(d: &Drill<'_>) {
+    let generation = d
+        .drill
+        .status
+        .as_ref()
+        .and_then(|s| s.generation)
+        .map(|g| g.0);
+    if let Some(generation) = generation {
+        if let Err(e) = hold(d, generation, false).await {
+            tracing::warn!(drill = %d.drill.name_any(), error = %e, "releasing the drill's hold");
+        }
+    }
+}
+
 /// Deletes the sandbox namespace (only if it is this drill's), then, once it is gone, the
 /// drill's VolumeSnapshotContents. `true` when nothing of the drill remains.
 async fn cleanup(d: &Drill<'_>) -> Result<bool, ReconcileError> {
+    release(d).await;
     let namespaces: Api<Namespace> = Api::all(d.ctx.client.clone());
     let sandbox = d.sandbox();
     if let Some(ns) = namespaces.get_opt(&sandbox).await? {

@@ -25,6 +25,11 @@ pub const RELEASE_WITHOUT_PEER_ANNOTATION: &str = "ferry.dev/release-without-pee
 pub const PAIR_LABEL: &str = "ferry.dev/pair";
 /// Label: the generation (decimal) a replica snapshot or manifests Secret belongs to.
 pub const GENERATION_LABEL: &str = "ferry.dev/generation";
+/// Prefix of the label a DR drill puts on the VolumeSnapshots and manifests Secret of the
+/// generation it restores (`drill-hold.ferry.dev/<first 8 of its uid>: "true"`) until its
+/// verdict: the destination's retention keeps a held generation past `--retain`, and prunes it
+/// at the first commit after the hold is gone.
+pub const DRILL_HOLD_PREFIX: &str = "drill-hold.ferry.dev/";
 /// Label: the source volume (PVC name) a replica object belongs to.
 pub const VOLUME_LABEL: &str = "ferry.dev/volume";
 /// Label: `replica` on every object a destination keeps.

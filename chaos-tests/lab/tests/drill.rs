@@ -339,7 +339,7 @@ async fn lifecycle_on(settings: e2e::LabSettings) {
     use ferry_schemas::Migration;
     let dir = tempfile::tempdir().unwrap();
     let lab = Lab(dir.path().join("lab"));
-    let (_a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
+    let (a, b) = e2e::setup_with_on(&lab.0, &Protection::AUTOMATIC, &settings).await;
     let pairs_b: Api<DRPair> = Api::namespaced(b.clone(), NS);
     eventually("a generation at b", || async {
         let p = pairs_b.get(PAIR).await.map_err(|e| e.to_string())?;
@@ -385,9 +385,45 @@ async fn lifecycle_on(settings: e2e::LabSettings) {
         "spec": {"pair": PAIR, "ttl": "1s", "verify": {"job": {"backoffLimit": 0, "template": {"spec": {
             "restartPolicy": "Never", "containers": [{"name": "slow", "image": "busybox", "command": ["sleep", "3600"]}]}}}}}})).await;
     let verifying = drill_in(&b, "interrupted", "Verifying").await;
-    let sandbox = verifying.status.unwrap().target_namespace.unwrap();
+    let held_status = verifying.status.clone().unwrap();
+    let sandbox = held_status.target_namespace.unwrap();
+    // The drilled generation is held past the destination's retention (--retain 3) while
+    // the drill runs: four newer generations commit, and its snapshot stays, labelled.
+    let held = format!(
+        "ferry-{PAIR}-ledger-data-g{}",
+        held_status.generation.unwrap().0
+    );
+    for i in 0..4 {
+        e2e::sync_now(&a, &format!("past-retention-{i}")).await;
+    }
+    let snapshots: Api<DynamicObject> = Api::namespaced_with(
+        b.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
+            "volumesnapshots",
+        ),
+    );
+    let hold_labels = |vs: &DynamicObject| {
+        vs.metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_keys()
+            .filter(|k| k.starts_with(ferry_schemas::contract::DRILL_HOLD_PREFIX))
+            .count()
+    };
+    let kept = snapshots
+        .get(&held)
+        .await
+        .expect("the held generation kept");
+    assert_eq!(hold_labels(&kept), 1, "{held} held by the drill");
     e2e::lab_control("site", "kill", "a", &lab.0);
     let stopped = drill_in(&b, "interrupted", "CleanedUp").await;
+    // The hold is released with the verdict (the next commit here would prune the generation).
+    if let Some(vs) = snapshots.get_opt(&held).await.unwrap() {
+        assert_eq!(hold_labels(&vs), 0, "{held} released");
+    }
     let condition = stopped.status.unwrap().conditions[0].clone();
     assert_eq!(condition.reason, "ActiveSite", "{condition:?}");
     eventually("the interrupted drill's sandbox gone", || async {

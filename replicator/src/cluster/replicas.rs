@@ -267,11 +267,16 @@ impl ReplicaStore for KubeReplicas {
 
     async fn prune(&self, pair: &PairKey, keep: &[u64]) -> Result<(), ReplicaError> {
         let selector = format!("{PAIR_LABEL}={},{ROLE_LABEL}=replica", pair.name);
+        // A generation a DR drill is restoring from is held until the drill's verdict.
         let stale = |labels: &BTreeMap<String, String>| {
-            labels
-                .get(GENERATION_LABEL)
-                .and_then(|g| g.parse::<u64>().ok())
-                .is_some_and(|g| !keep.contains(&g))
+            let held = labels
+                .keys()
+                .any(|k| k.starts_with(ferry_schemas::contract::DRILL_HOLD_PREFIX));
+            !held
+                && labels
+                    .get(GENERATION_LABEL)
+                    .and_then(|g| g.parse::<u64>().ok())
+                    .is_some_and(|g| !keep.contains(&g))
         };
         for (name, labels) in list_snapshots(&self.client, &pair.namespace, &selector).await? {
             if stale(&labels) {
