@@ -33,19 +33,16 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{
-    ApiResource, AttachParams, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams,
-};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{json, Value};
-use tokio::io::AsyncReadExt;
 
 use ferry_manifests::{plan_instantiation, Instantiation, ManifestBundle, DRILL_LABEL};
 use ferry_runtime::finalizer;
+use ferry_runtime::volumes::{content_resource, snapshot_resource};
 use ferry_schemas::contract::{manifests_secret, MANIFESTS_KEY};
 use ferry_schemas::drill::DrillPhase as P;
 use ferry_schemas::{DRDrill, DRPair};
@@ -66,20 +63,6 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
 const POLL: Duration = Duration::from_secs(1);
 /// Characters of the verification output kept in the status.
 const OUTPUT_TAIL_CHARS: usize = 2000;
-
-fn snapshots_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot"),
-        "volumesnapshots",
-    )
-}
-
-fn contents_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
-        "volumesnapshotcontents",
-    )
-}
 
 /// Runs the controller for DRDrills at this site until the stream ends.
 pub async fn run(ctx: Arc<Context>) {
@@ -128,20 +111,8 @@ impl Drill<'_> {
                 instance: Some(self.ctx.site.clone()),
             },
         );
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: "Drill".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &self.drill.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing a drill Event failed");
-        }
+        let regarding = self.drill.object_ref(&());
+        ferry_runtime::publish_event(&recorder, &regarding, warning, reason, "Drill", note).await;
     }
 
     /// Ends the drill as Failed: the condition names the cause, the DRPair records it.
@@ -403,7 +374,7 @@ async fn plan(d: &Drill<'_>, pair: &DRPair, generation: u64) -> Result<Vec<Vec<V
 async fn clone_snapshot(d: &Drill<'_>, sandbox: &str, name: &str) -> Result<(), String> {
     let client = &d.ctx.client;
     let source: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), &d.namespace, &snapshots_resource());
+        Api::namespaced_with(client.clone(), &d.namespace, &snapshot_resource());
     let vs = source
         .get_opt(name)
         .await
@@ -417,7 +388,7 @@ async fn clone_snapshot(d: &Drill<'_>, sandbox: &str, name: &str) -> Result<(), 
     let content_name = vs.data["status"]["boundVolumeSnapshotContentName"]
         .as_str()
         .ok_or_else(|| format!("VolumeSnapshot {}/{name} is not bound", d.namespace))?;
-    let contents: Api<DynamicObject> = Api::all_with(client.clone(), &contents_resource());
+    let contents: Api<DynamicObject> = Api::all_with(client.clone(), &content_resource());
     let content = contents
         .get(content_name)
         .await
@@ -452,7 +423,7 @@ async fn clone_snapshot(d: &Drill<'_>, sandbox: &str, name: &str) -> Result<(), 
     let snapshot = json!({"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
         "metadata": {"name": name, "namespace": sandbox, "labels": labels},
         "spec": {"source": {"volumeSnapshotContentName": clone_name}}});
-    Api::<DynamicObject>::namespaced_with(client.clone(), sandbox, &snapshots_resource())
+    Api::<DynamicObject>::namespaced_with(client.clone(), sandbox, &snapshot_resource())
         .patch(
             name,
             &PatchParams::apply(MANAGER).force(),
@@ -655,54 +626,25 @@ async fn run_check(
     let pod = running
         .first()
         .ok_or_else(|| format!("no running pod in namespace {sandbox} to verify in"))?;
-    let mut params = AttachParams::default().stdout(true).stderr(true);
-    if let Some(container) = container {
-        params = params.container(container);
-    }
     let name = pod.name_any();
-    let mut process = pods
-        .exec(&name, command.to_vec(), &params)
+    let result = ferry_runtime::exec::run(&pods, &name, container, command, OUTPUT_TAIL_CHARS)
         .await
         .map_err(|e| format!("exec in pod {sandbox}/{name}: {e}"))?;
-    let status = process
-        .take_status()
-        .ok_or_else(|| "the exec has no status channel".to_string())?;
-    // Bytes, not text: output that is not UTF-8 must not cut the stream; the tail is kept.
-    let read = |pipe: Option<tokio::io::ReadHalf<tokio::io::SimplexStream>>| async move {
-        let mut kept: Vec<u8> = Vec::new();
-        if let Some(mut pipe) = pipe {
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = pipe.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > 4 * OUTPUT_TAIL_CHARS {
-                    kept.drain(..kept.len() - 2 * OUTPUT_TAIL_CHARS);
-                }
-            }
-        }
-        String::from_utf8_lossy(&kept).into_owned()
-    };
-    // Both at once: a pipe left unread would stall the other.
-    let (out, err) = tokio::join!(read(process.stdout()), read(process.stderr()));
-    let status = status.await;
-    let _ = process.join().await;
-    let mut output = format!("{out}{err}");
+    let output = format!("{}{}", result.stdout, result.stderr);
     let skip = output.chars().count().saturating_sub(OUTPUT_TAIL_CHARS);
-    output = output
+    let output = output
         .chars()
         .skip(skip)
         .collect::<String>()
         .trim()
         .to_string();
-    match status {
-        Some(s) if s.status.as_deref() == Some("Success") => Ok((true, output)),
-        Some(s) => {
-            let why = s.message.unwrap_or_else(|| "failed".into());
-            Ok((false, format!("{why}\n{output}").trim().to_string()))
-        }
-        None => Err("the exec stream ended without a status".into()),
+    if result.success {
+        Ok((true, output))
+    } else {
+        Ok((
+            false,
+            format!("{}\n{output}", result.message).trim().to_string(),
+        ))
     }
 }
 
@@ -888,7 +830,7 @@ async fn hold(d: &Drill<'_>, generation: u64, hold: bool) -> Result<(), String> 
         d.drill.spec.pair
     );
     let snapshots: Api<DynamicObject> =
-        Api::namespaced_with(d.ctx.client.clone(), &d.namespace, &snapshots_resource());
+        Api::namespaced_with(d.ctx.client.clone(), &d.namespace, &snapshot_resource());
     let listed = snapshots
         .list(&ListParams::default().labels(&selector))
         .await
@@ -959,7 +901,7 @@ async fn cleanup(d: &Drill<'_>) -> Result<bool, ReconcileError> {
             }
         }
     }
-    let contents: Api<DynamicObject> = Api::all_with(d.ctx.client.clone(), &contents_resource());
+    let contents: Api<DynamicObject> = Api::all_with(d.ctx.client.clone(), &content_resource());
     let selector = format!("{DRILL_LABEL}={}", d.uid);
     let left = contents
         .list(&ListParams::default().labels(&selector))

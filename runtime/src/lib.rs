@@ -7,6 +7,7 @@
 //! The names and labels these objects carry are API and live in `ferry_schemas::contract`;
 //! this crate does the I/O.
 
+pub mod exec;
 pub mod finalizer;
 pub mod quantity;
 pub mod signal;
@@ -14,4 +15,4 @@ pub mod status;
 pub mod volumes;
 
 pub use signal::shutdown_signal;
-pub use status::{Component, ConditionSet, PairStatus};
+pub use status::{publish_event, Component, ConditionSet, PairStatus};

@@ -271,20 +271,42 @@ impl PairStatus {
         action: &str,
         note: String,
     ) {
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &pair.object_ref(&())).await {
-            tracing::warn!(error = %e, reason, "publishing an Event failed");
-        }
+        publish_event(
+            &self.recorder,
+            &pair.object_ref(&()),
+            warning,
+            reason,
+            action,
+            note,
+        )
+        .await;
+    }
+}
+
+/// Publishes an Event (events.k8s.io/v1) about the object `regarding` through `recorder`:
+/// `warning` or normal, a CamelCase `reason`, an `action`, a one-line `note`. Failures are
+/// logged, never returned: an Event is a courtesy, status is the record.
+pub async fn publish_event(
+    recorder: &Recorder,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    warning: bool,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, regarding).await {
+        tracing::warn!(error = %e, reason, "publishing an Event failed");
     }
 }
 

@@ -41,6 +41,14 @@ pub fn snapshot_resource() -> ApiResource {
     )
 }
 
+/// The VolumeSnapshotContent API resource (cluster-scoped).
+pub fn content_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
+        "volumesnapshotcontents",
+    )
+}
+
 fn snapshots(client: &Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client.clone(), namespace, &snapshot_resource())
 }

@@ -31,7 +31,7 @@ use kube::{Api, Client};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::source::{ChangedBlocks, FullScanReason};
-use ferry_runtime::volumes::snapshot_resource;
+use ferry_runtime::volumes::{content_resource, snapshot_resource};
 
 /// Group of the SnapshotMetadataService CRD.
 pub const CBT_GROUP: &str = "cbt.storage.k8s.io";
@@ -53,13 +53,6 @@ pub fn service_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(CBT_GROUP, "v1beta1", "SnapshotMetadataService"),
         "snapshotmetadataservices",
-    )
-}
-
-fn content_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshotContent"),
-        "volumesnapshotcontents",
     )
 }
 

@@ -9,9 +9,8 @@ use std::time::Duration;
 use ferry_schemas::validation::ValidHook;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{AttachParams, ListParams};
+use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use tokio::io::AsyncReadExt;
 
 /// Which hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,42 +156,20 @@ async fn exec(
         pod: name.to_string(),
         message,
     };
-    let mut params = AttachParams::default().stdout(true).stderr(true);
-    if let Some(container) = container {
-        params = params.container(container);
-    }
-    let mut process = pods
-        .exec(name, hook.command.clone(), &params)
+    let result = ferry_runtime::exec::run(pods, name, container.as_deref(), &hook.command, 400)
         .await
-        .map_err(|e| exec_err(e.to_string()))?;
-    let status = process
-        .take_status()
-        .ok_or_else(|| exec_err("no status channel".into()))?;
-    // Both streams at once: each has a small pipe, and one left unread would stall the other.
-    let (_stdout, stderr) = tokio::join!(drain(process.stdout()), drain(process.stderr()));
-    let status = status.await;
-    let _ = process.join().await;
-    match status {
-        Some(s) if s.status.as_deref() == Some("Success") => Ok(()),
-        Some(s) => {
-            let skip = stderr.chars().count().saturating_sub(400);
-            let tail: String = stderr.chars().skip(skip).collect();
-            Err(HookError::Failed {
-                field,
-                pod: name.to_string(),
-                message: s.message.unwrap_or_else(|| "no message".into()),
-                stderr: tail.trim().to_string(),
-            })
-        }
-        None => Err(exec_err("the exec stream ended without a status".into())),
+        .map_err(exec_err)?;
+    if result.success {
+        return Ok(());
     }
-}
-
-/// Reads a stream of an exec to its end as UTF-8 (what is not UTF-8 is dropped).
-async fn drain(pipe: Option<tokio::io::ReadHalf<tokio::io::SimplexStream>>) -> String {
-    let mut text = String::new();
-    if let Some(mut pipe) = pipe {
-        let _ = pipe.read_to_string(&mut text).await;
-    }
-    text
+    Err(HookError::Failed {
+        field,
+        pod: name.to_string(),
+        message: if result.message.is_empty() {
+            "no message".into()
+        } else {
+            result.message
+        },
+        stderr: result.stderr.trim().to_string(),
+    })
 }
